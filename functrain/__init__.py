@@ -1,0 +1,37 @@
+"""functrain: a functional, pure-state trainer for PyTorch.
+
+The whole state of a run is one immutable pytree (:class:`TrainState`); every change to it
+is a pure step ``(state, batch) -> state`` built with :mod:`torch.func` and compiled with
+:func:`jit`; a thin shell (:func:`train`, checkpoints, signals, logging) does the rest.
+
+Layers: ``functrain.core`` (pure: state, steps, rng) and ``functrain.optim`` (pure
+optimizers); the shell in ``functrain.checkpoint``, ``functrain.data``, ``functrain.shell``
+and the ``functrain`` command line (``functrain.cli``).
+"""
+
+from functrain import optim
+from functrain.core import rng as random
+from functrain.core.compose import compose, repeat
+from functrain.core.jit import jit
+from functrain.core.state import LossScale, Tracker, TrainState, state_dict
+from functrain.core.step import Step, batch_size, eval_results, make_eval_step, make_train_step, reset_eval
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LossScale",
+    "Step",
+    "Tracker",
+    "TrainState",
+    "batch_size",
+    "compose",
+    "eval_results",
+    "jit",
+    "make_eval_step",
+    "make_train_step",
+    "optim",
+    "random",
+    "repeat",
+    "reset_eval",
+    "state_dict",
+]
