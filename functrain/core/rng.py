@@ -38,6 +38,18 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+_KEY, _FOLD, _SEED = 1, 2, 3  # domain tags: the same integers never hash alike in two roles
+
+
+def _combine(tag: int, *values: int) -> int:
+    """A 64-bit hash of a tagged tuple of integers (SplitMix64 steps, chained)."""
+    h = mix64(tag * _GOLDEN)
+    for v in values:
+        h = mix64(h ^ mix64((int(v) + _GOLDEN) & _MASK64))
+    return h
+
+
 def _to_signed(x: int) -> int:
     x &= _MASK64
     return x - (1 << 64) if x >= (1 << 63) else x
@@ -45,7 +57,7 @@ def _to_signed(x: int) -> int:
 
 def key(seed: int) -> torch.Tensor:
     """A new key from an integer seed (any Python int; reduced modulo 2**64)."""
-    return torch.tensor([_to_signed(mix64(int(seed))), 0], dtype=torch.int64)
+    return torch.tensor([_to_signed(_combine(_KEY, int(seed))), 0], dtype=torch.int64)
 
 
 def next_key(k: torch.Tensor) -> torch.Tensor:
@@ -56,7 +68,7 @@ def next_key(k: torch.Tensor) -> torch.Tensor:
 def fold_in(k: torch.Tensor, data: int) -> torch.Tensor:
     """A new key derived from ``k`` and an integer (a rank, a member index, ...)."""
     seed, counter = (int(v) for v in k.tolist())
-    return torch.tensor([_to_signed(mix64(mix64(seed ^ mix64(counter)) + int(data) + 1)), 0], dtype=torch.int64)
+    return torch.tensor([_to_signed(_combine(_FOLD, seed, counter, int(data))), 0], dtype=torch.int64)
 
 
 def split(k: torch.Tensor, num: int = 2) -> list[torch.Tensor]:
@@ -72,7 +84,7 @@ def seed_of(k: torch.Tensor, rank: int = 0) -> int:
             "make one with functrain.random.key(seed)"
         )
     seed, counter = (int(v) for v in k.tolist())
-    return mix64(mix64(seed) ^ mix64(counter + (int(rank) << 40))) >> 1
+    return _combine(_SEED, seed, counter, int(rank)) >> 1
 
 
 @contextlib.contextmanager

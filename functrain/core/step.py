@@ -117,11 +117,9 @@ def _split_micro(batch: Batch, k: int) -> list[Batch]:
     if n % k:
         raise ValueError(f"a batch of {n} samples does not split into micro_batches={k} equal parts; "
                          f"use a batch size divisible by {k}")
-    chunks = optree.tree_map(
-        lambda x: x.chunk(k) if isinstance(x, torch.Tensor) and x.dim() > 0 else (x,) * k, batch, namespace=NAMESPACE
-    )
-    return [optree.tree_map(lambda c: c[i], chunks, is_leaf=lambda c: isinstance(c, tuple), namespace=NAMESPACE)
-            for i in range(k)]
+    leaves, spec = optree.tree_flatten(batch, namespace=NAMESPACE)
+    parts = [x.chunk(k) if isinstance(x, torch.Tensor) and x.dim() > 0 else (x,) * k for x in leaves]
+    return [optree.tree_unflatten(spec, [p[i] for p in parts]) for i in range(k)]
 
 
 def global_norm(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:

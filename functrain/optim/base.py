@@ -21,7 +21,8 @@ collected by :func:`stats` for logging.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -49,7 +50,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return {k: (p + updates[k]).to(p.dtype) for k, p in params.items()}
 
 
-def apply_gradients(tx: GradientTransformation, grads: Updates, opt_state: OptState, params: Params) -> tuple[Params, OptState]:
+def apply_gradients(
+    tx: GradientTransformation, grads: Updates, opt_state: OptState, params: Params
+) -> tuple[Params, OptState]:
     """New params and optimizer state from gradients: the one call a train step makes."""
     if tx.step is not None:
         return tx.step(grads, opt_state, params)
