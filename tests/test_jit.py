@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from models import ConvBN, MLP, TinyTransformer, classification_loss, conv_batch, lm_batch, lm_loss, mlp_batch
+from models import MLP, ConvBN, TinyTransformer, classification_loss, conv_batch, lm_batch, lm_loss, mlp_batch
 from treeutil import assert_bitwise_equal, clone_tree, raw_digest
 
 import functrain as ft

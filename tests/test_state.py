@@ -4,7 +4,7 @@ import optree
 import pytest
 import torch
 import torch.utils._pytree as torch_pytree
-from models import ConvBN, MLP
+from models import MLP, ConvBN
 from torch import nn
 
 import functrain as ft
@@ -57,8 +57,11 @@ def test_state_round_trips_through_both_pytree_registries(library):
     n_tensors = len(state.params) + len(state.buffers)
     assert sum(isinstance(x, torch.Tensor) for x in leaves) > n_tensors  # counters, opt state, rng too
     assert all(torch.equal(back.params[k], state.params[k]) for k in state.params)
-    doubled = (optree.tree_map(lambda x: x * 2 if isinstance(x, torch.Tensor) else x, state, namespace=NAMESPACE)
-               if library == "optree" else torch_pytree.tree_map(lambda x: x * 2 if isinstance(x, torch.Tensor) else x, state))
+    def double(x):
+        return x * 2 if isinstance(x, torch.Tensor) else x
+
+    doubled = (optree.tree_map(double, state, namespace=NAMESPACE)
+               if library == "optree" else torch_pytree.tree_map(double, state))
     assert int(doubled.step) == 0 and int(doubled.rng[0]) == 2 * int(state.rng[0])
 
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from models import ConvBN, MLP, TinyTransformer, classification_loss, conv_batch, lm_batch, lm_loss, mlp_batch
+from models import MLP, ConvBN, TinyTransformer, classification_loss, conv_batch, lm_batch, lm_loss, mlp_batch
 from treeutil import assert_bitwise_equal, clone_tree, raw_digest
 
 import functrain as ft

@@ -9,7 +9,8 @@ after ``growth_interval`` finite steps in a row the scale doubles.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -14,7 +14,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class Tracker:
     bad_evals: torch.Tensor
 
     @classmethod
-    def create(cls, device: torch.device | str | None = None) -> "Tracker":
+    def create(cls, device: torch.device | str | None = None) -> Tracker:
         return cls(
             best_score=torch.tensor(math.nan, dtype=torch.float64, device=device),
             best_step=counter(-1, device),
@@ -60,7 +61,7 @@ class LossScale:
     skipped: torch.Tensor  # int64 0-d: steps skipped for non-finite gradients
 
     @classmethod
-    def create(cls, init_scale: float = 2.0**16, device: torch.device | str | None = None) -> "LossScale":
+    def create(cls, init_scale: float = 2.0**16, device: torch.device | str | None = None) -> LossScale:
         return cls(
             scale=torch.tensor(float(init_scale), dtype=torch.float32, device=device),
             good_steps=counter(0, device),
@@ -112,7 +113,7 @@ class TrainState:
         buffers: Mapping[str, torch.Tensor] | None = None,
         loss_scale: LossScale | None = None,
         device: torch.device | str | None = None,
-    ) -> "TrainState":
+    ) -> TrainState:
         """A fresh state from a module (or a dict of params) and an optimizer.
 
         Params and buffers are detached copies, keyed like ``model.state_dict()``; the

@@ -23,7 +23,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import optree
 import torch
@@ -77,7 +78,9 @@ class Step:
 
     def __call__(self, state: TrainState, batch: Batch) -> TrainState:
         if not isinstance(state, TrainState):
-            raise TypeError(f"{self.name}: expected a functrain.TrainState as first argument, got {type(state).__name__}")
+            raise TypeError(
+                f"{self.name}: expected a functrain.TrainState as first argument, got {type(state).__name__}"
+            )
         if not self.uses_rng:
             return self.fn(state, batch)
         with _rng.seeded(state.rng, _current_rank(), _state_device(state)):
