@@ -10,6 +10,7 @@ and the ``functrain`` command line (``functrain.cli``).
 """
 
 from functrain import optim
+from functrain.core import parallel
 from functrain.core import rng as random
 from functrain.core.compose import compose, repeat
 from functrain.core.jit import jit
@@ -30,6 +31,7 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "optim",
+    "parallel",
     "random",
     "repeat",
     "reset_eval",

@@ -497,7 +497,15 @@ class Decoder:
 def decode_file_body(stream: Any, header: Header, source: str, arrays: str = "load", keep_small: int = 0) -> Any:
     """Decode and checksum the body that follows ``header`` in ``stream``."""
     decoder = Decoder(stream, header.body_size, source, arrays=arrays, hash=True, keep_small=keep_small)
-    tree = decoder.body()
+    try:
+        tree = decoder.body()
+    except CheckpointError as e:
+        try:  # a checksum mismatch is the root cause to report if there is one
+            decoder.skip(decoder.left)
+            decoder.check_digest(header.digest)
+        except CheckpointError as corrupt:
+            raise CheckpointError(f"{corrupt} (decoding stopped: {e})") from e
+        raise
     decoder.check_digest(header.digest)
     return tree
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
+from functrain.core import parallel as _parallel
 from functrain.core import rng as _rng
 from functrain.core.precision import autocast_context, check_precision, scale_loss, unscale_and_update
 from functrain.core.state import TrainState
@@ -140,6 +141,8 @@ def make_train_step(
     *,
     micro_batches: int = 1,
     precision: str | None = None,
+    data_parallel: bool | None = None,
+    group: Any = None,
 ) -> Step:
     """A pure train step: gradients of ``loss_fn`` over ``state.params``, then ``optimizer``.
 
@@ -157,6 +160,12 @@ def make_train_step(
     their gradients inside the one step (memory of one part, result of the whole batch).
     ``precision`` is None, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with dynamic loss
     scaling; needs ``TrainState.create(..., loss_scale=LossScale.create())``).
+
+    ``data_parallel`` (default: on when a ``torch.distributed`` process group of more
+    than one rank exists when the step runs) averages gradients and metrics across the
+    ranks of ``group`` inside the step, weighted by each rank's number of samples, with
+    functional collectives that compile into the step's graph. Each rank's dropout draws
+    differ: the seed is derived from the key and the rank.
     """
     check_precision(precision)
     if micro_batches < 1:
@@ -192,6 +201,14 @@ def make_train_step(
             grads = {k: v / micro_batches for k, v in grads.items()}
             loss = loss / micro_batches
             aux = {k: v / micro_batches for k, v in aux.items()}
+        if data_parallel or (data_parallel is None and _parallel.is_data_parallel(group)):
+            count = torch.tensor(float(batch_size(batch)), dtype=torch.float64, device=loss.device)
+            tagged = {"g/" + k: v for k, v in grads.items()}
+            tagged.update({"m/loss": loss, **{"m/" + k: v for k, v in aux.items()}})
+            mean, _ = _parallel.weighted_mean(tagged, count, group)
+            grads = {k: mean["g/" + k] for k in grads}
+            loss = mean["m/loss"]
+            aux = {k: mean["m/" + k] for k in aux}
         loss_scale = state.loss_scale
         finite = None
         if scale is not None:
