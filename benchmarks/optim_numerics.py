@@ -58,7 +58,7 @@ def optax_adam(lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 n = sum(torch.Size(s).numel() for s in SHAPES.values())
-print("additive design, elements differing from torch.optim after 200 steps (of %d):" % n)
+print(f"additive design, elements differing from torch.optim after 200 steps (of {n}):")
 for dt in (torch.float32, torch.float64):
     params, grads = data(dt, 200)
     for name, tx, mk in [
