@@ -9,7 +9,22 @@ optimizers); the shell in ``functrain.checkpoint``, ``functrain.data``, ``functr
 and the ``functrain`` command line (``functrain.cli``).
 """
 
-from functrain import optim
+from functrain import optim, testing
+from functrain.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointSaveError,
+    LoadReport,
+    PartialLoadWarning,
+    TargetMismatchError,
+    from_bytes,
+    load,
+    read_header,
+    save,
+    to_bytes,
+    tree_digest,
+    verify,
+)
 from functrain.core import parallel
 from functrain.core import rng as random
 from functrain.core.compose import compose, repeat
@@ -20,6 +35,20 @@ from functrain.core.step import Step, batch_size, eval_results, make_eval_step, 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointSaveError",
+    "LoadReport",
+    "PartialLoadWarning",
+    "TargetMismatchError",
+    "from_bytes",
+    "load",
+    "read_header",
+    "save",
+    "testing",
+    "to_bytes",
+    "tree_digest",
+    "verify",
     "LossScale",
     "Step",
     "Tracker",

@@ -19,7 +19,7 @@ from functrain.checkpoint import format as fmt
 from functrain.checkpoint.errors import CheckpointError, PartialLoadWarning, TargetMismatchError
 from functrain.checkpoint.format import HEADER_SIZE, from_bytes, parse_header, to_bytes, tree_digest
 from functrain.core import struct
-from functrain.core.state import LossScale, TrainState, Tracker
+from functrain.core.state import LossScale, Tracker, TrainState
 from functrain.testing import assert_trees_equal
 
 ALL_DTYPES = [

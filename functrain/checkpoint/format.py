@@ -331,10 +331,11 @@ class Decoder:
             self.sha256.update(data)
         return data
 
-    def read_into(self, n: int) -> bytearray:
+    def read_tensor(self, n: int) -> torch.Tensor:
+        """The next ``n`` bytes, read straight into a new uint8 tensor (no zero-fill, no extra copy)."""
         self.need(n)
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
+        buf = torch.empty(n, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
         while got < n:
             k = self.stream.readinto(view[got:])
             if not k:
@@ -342,7 +343,7 @@ class Decoder:
             got += k
         self.left -= n
         if self.sha256 is not None:
-            self.sha256.update(buf)
+            self.sha256.update(view)
         return buf
 
     def skip(self, n: int) -> None:
@@ -448,10 +449,7 @@ class Decoder:
             return ArrayInfo(tuple(shape), name, nbytes)
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            flat = torch.frombuffer(self.read_into(nbytes), dtype=torch.uint8)
-        return flat.view(dtype).reshape(shape)
+        return self.read_tensor(nbytes).view(dtype).reshape(shape)
 
     def unchunk(self, m: dict[Any, Any]) -> Any:
         chunks, shape = m.get("chunks"), m.get("shape")

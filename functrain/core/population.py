@@ -74,7 +74,8 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
         if isinstance(leaf, torch.Tensor):
             shapes = {(tuple(t.shape), t.dtype) for t in column}
             if len(shapes) != 1:
-                raise ValueError(f"stack_states: leaf {j} differs in shape/dtype between members: {sorted(map(str, shapes))}")
+                raise ValueError(f"stack_states: leaf {j} differs in shape/dtype between members: "
+                                 f"{sorted(map(str, shapes))}")
             stacked.append(torch.stack(column))
         else:
             stacked.append(leaf)

@@ -1,0 +1,495 @@
+"""functrain's train step against the best plain PyTorch loops, in one process, round by round.
+
+Usage::
+
+    python benchmarks/bench_steps.py                      # a few minutes on 2 CPU cores
+    python benchmarks/bench_steps.py --tiny               # smoke run (< 60 s), for CI
+    python benchmarks/bench_steps.py --rounds 9 --out docs/performance.md --json benchmarks/results.json
+
+For each model (MLP, a small transformer with dropout, a conv net with BatchNorm) every
+contender trains the same model from the same initial weights on the same batches:
+
+- ``torch eager AdamW`` (single-tensor, the CPU default), ``... foreach``, ``... fused``;
+- ``torch.compile(model) + compiled optimizer.step``;
+- ``functrain eager`` (``make_train_step``), ``functrain jit`` (pure, ``functrain.jit``),
+  ``functrain jit donated`` (``functrain.core.donate.donate``).
+
+Throughput: every round runs ``--steps`` steps of each contender (the order rotates from
+round to round); a round's ratio is the contender's steps/s over the best imperative loop's
+steps/s in that same round; the table shows the median over rounds. Noise from other
+processes hits all contenders of a round alike, so ratios are stable where absolute rates
+are not.
+
+Memory: the peak of live tensor bytes during one steady-state step, at the allocator level.
+On CPU: the bytes held by the contender's persistent tensors when the step starts (params,
+gradients, optimizer or functrain state, batch; unique storages) plus the running sum of
+the allocator's allocation/free events recorded by ``torch.profiler(profile_memory=True)``
+during the step; on CUDA, ``torch.cuda.max_memory_allocated``.
+
+Compile time: cold is the first call's time minus a steady step's time, in a process whose
+``TORCHINDUCTOR_CACHE_DIR`` is a fresh directory; warm is the same figure for functrain's
+jit step in a second process pointed at the same cache directory (inductor's FX graph cache
+and AOT-autograd cache are on by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import functrain as ft  # noqa: E402
+from functrain.core import population as pop  # noqa: E402
+from functrain.core.donate import donate  # noqa: E402
+
+LR, WD = 1e-3, 0.01
+IMPERATIVE = ["torch eager AdamW", "torch eager AdamW foreach", "torch eager AdamW fused", "torch.compile model+step"]
+FUNCTRAIN = ["functrain eager", "functrain jit", "functrain jit donated"]
+CONTENDERS = IMPERATIVE + FUNCTRAIN
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_hidden), nn.GELU(),
+                                 nn.Linear(d_hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=4 * d, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.encoder(self.embed(tokens) + self.pos[: tokens.shape[1]]))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, width: int, classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@dataclass
+class Spec:
+    name: str
+    make: Callable[[], nn.Module]
+    batches: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _classify(n: int, shape: tuple[int, ...], classes: int, k: int) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)) for _ in range(k)]
+
+
+def _tokens(n: int, seq: int, vocab: int, k: int) -> list:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(k):
+        t = torch.randint(0, vocab, (n, seq + 1), generator=g)
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+    return out
+
+
+def specs(tiny: bool) -> list[Spec]:
+    if tiny:
+        return [
+            Spec("mlp", lambda: MLP(16, 32, 4), lambda k: _classify(8, (16,), 4, k)),
+            Spec("transformer", lambda: Transformer(32, 16, 2, 1, 8), lambda k: _tokens(4, 8, 32, k)),
+            Spec("convbn", lambda: ConvNet(4), lambda k: _classify(4, (3, 8, 8), 10, k)),
+        ]
+    return [
+        Spec("mlp", lambda: MLP(256, 512, 10), lambda k: _classify(64, (256,), 10, k)),
+        Spec("transformer", lambda: Transformer(512, 64, 4, 2, 32), lambda k: _tokens(8, 32, 512, k)),
+        Spec("convbn", lambda: ConvNet(16), lambda k: _classify(16, (3, 16, 16), 10, k)),
+    ]
+
+
+# ------------------------------------------------------------------------------------- contenders
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Contender:
+    """One way of training one model: ``step(batch)`` and the tensors it keeps alive."""
+
+    name: str
+    step: Callable[[Any], None]
+    live: Callable[[], list[torch.Tensor]]
+    compile_s: float | None = None
+    rates: list[float] = field(default_factory=list)
+
+
+def _imperative(name: str, model: nn.Module, backend: str | None) -> Contender:
+    kwargs = {"foreach": False}
+    if name.endswith("foreach"):
+        kwargs = {"foreach": True}
+    elif name.endswith("fused"):
+        kwargs = {"fused": True}
+    compiled = name.startswith("torch.compile")
+    if compiled:
+        kwargs = {}
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, **kwargs)
+    forward = torch.compile(model, backend=backend) if compiled else model
+    opt_step = torch.compile(opt.step, backend=backend) if compiled else opt.step
+    model.train()
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        opt.zero_grad(set_to_none=True)
+        _ce(forward(x), y).backward()
+        opt_step()
+
+    def live() -> list[torch.Tensor]:
+        out = list(model.parameters()) + list(model.buffers())
+        out += [p.grad for p in model.parameters() if p.grad is not None]
+        out += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return out
+
+    return Contender(name, step, live)
+
+
+def _functrain(name: str, model: nn.Module, backend: str | None, seed: int = 0) -> Contender:
+    opt = ft.optim.adamw(LR, weight_decay=WD)
+
+    def loss_fn(forward: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return _ce(forward(x), y)
+
+    eager = ft.make_train_step(model, loss_fn, opt)
+    kw = {"backend": backend} if backend else {}
+    fn = {"functrain eager": lambda: eager, "functrain jit": lambda: ft.jit(eager, **kw),
+          "functrain jit donated": lambda: donate(eager, **kw)}[name]()
+    box = {"state": ft.TrainState.create(model, opt, seed=seed)}
+
+    def step(batch: Any) -> None:
+        box["state"] = fn(box["state"], batch)
+
+    def live() -> list[torch.Tensor]:
+        leaves = torch.utils._pytree.tree_leaves(box["state"])
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+    c = Contender(name, step, live)
+    c.fn, c.box, c.loss_fn, c.opt = fn, box, loss_fn, opt  # type: ignore[attr-defined]
+    return c
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def peak_step_bytes(c: Contender, batch: Any, device: torch.device) -> int:
+    """Peak live tensor bytes during one steady-state step (see the module docs)."""
+    c.step(batch)  # steady state: gradients and state exist, as in the middle of training
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        c.step(batch)
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        c.step(batch)  # allocations of this step are seen, so the next step's frees are too
+        base = _unique_bytes(c.live() + list(batch))
+        with record_function("measured_step"):
+            c.step(batch)
+    events = prof.events()
+    window = next(e.time_range for e in events if e.name == "measured_step")
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage) for e in events
+                    if e.name == "[memory]" and window.start <= e.time_range.start <= window.end)
+    running = peak = 0
+    for _, d in deltas:
+        running += d
+        peak = max(peak, running)
+    return base + peak
+
+
+def _time(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _run_steps(c: Contender, batches: list, n: int) -> Callable[[], None]:
+    def go() -> None:
+        for i in range(n):
+            c.step(batches[i % len(batches)])
+
+    return go
+
+
+def bench_model(spec: Spec, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    init = spec.make().state_dict()
+    batches = [tuple(t.to(device) for t in b) for b in spec.batches(4)]
+    contenders = []
+    for name in CONTENDERS:
+        model = spec.make().to(device)
+        model.load_state_dict(init)
+        backend = args.backend
+        if name in IMPERATIVE:
+            contenders.append(_imperative(name, model, backend))
+        else:
+            contenders.append(_functrain(name, model, backend))
+    for c in contenders:  # first call (compiles), then one more to measure a steady step
+        first = _time(lambda c=c: c.step(batches[0]), device)
+        steady = _time(lambda c=c: c.step(batches[1]), device)
+        if "compile" in c.name or "jit" in c.name:
+            c.compile_s = max(first - steady, 0.0)
+        print(f"  {spec.name:12s} {c.name:28s} first call {first:7.2f}s", flush=True)
+    for r in range(args.rounds):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        for c in order:
+            c.rates.append(args.steps / _time(_run_steps(c, batches, args.steps), device))
+    medians = {c.name: statistics.median(c.rates) for c in contenders}
+    best = max(IMPERATIVE, key=lambda n: medians[n])
+    by_name = {c.name: c for c in contenders}
+    rows = {}
+    for c in contenders:
+        vs_best = statistics.median(a / b for a, b in zip(c.rates, by_name[best].rates))
+        vs_eager = statistics.median(a / b for a, b in zip(c.rates, by_name[IMPERATIVE[0]].rates))
+        rows[c.name] = {"steps_per_s": medians[c.name], "ratio_vs_best_imperative": vs_best,
+                        "ratio_vs_eager_adamw": vs_eager, "compile_s": c.compile_s}
+    best_mem = None
+    for c in contenders:
+        rows[c.name]["peak_bytes"] = peak_step_bytes(c, batches[0], device)
+    best_mem = rows[best]["peak_bytes"]
+    for c in contenders:
+        rows[c.name]["memory_ratio_vs_best_imperative"] = rows[c.name]["peak_bytes"] / best_mem
+    pop_row = bench_population(spec, by_name["functrain jit"], batches, args, device) if spec.name == "mlp" else None
+    return {"best_imperative": best, "contenders": rows, "population": pop_row,
+            "params": sum(p.numel() for p in spec.make().parameters())}
+
+
+def bench_population(spec: Spec, solo: Contender, batches: list, args: argparse.Namespace,
+                     device: torch.device) -> dict[str, Any]:
+    """N=8 members in one vmapped compiled step against 8 states stepped one after another."""
+    n = 8
+    model = spec.make().to(device)
+    states = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        states.append(ft.TrainState.create(spec.make().to(device), solo.opt, seed=i))  # type: ignore[attr-defined]
+    eager_pop = pop.population_step(ft.make_train_step(model, solo.loss_fn, solo.opt))  # type: ignore[attr-defined]
+    kw = {"backend": args.backend} if args.backend else {}
+    pstep = ft.jit(eager_pop, **kw)
+    box = {"pop": eager_pop(pop.stack_states(states), batches[0]), "solo": states}  # fill metrics: one graph
+    t0 = time.perf_counter()
+    box["pop"] = pstep(box["pop"], batches[0])
+    compile_s = time.perf_counter() - t0
+
+    def run_pop() -> None:
+        for i in range(args.steps):
+            box["pop"] = pstep(box["pop"], batches[i % len(batches)])
+
+    def run_seq() -> None:
+        for i in range(args.steps):
+            box["solo"] = [solo.fn(s, batches[i % len(batches)]) for s in box["solo"]]  # type: ignore[attr-defined]
+
+    run_seq()
+    ratios = []
+    for r in range(args.rounds):
+        pair = [run_pop, run_seq] if r % 2 == 0 else [run_seq, run_pop]
+        t = {f: _time(f, device) for f in pair}
+        ratios.append(t[run_seq] / t[run_pop])
+    return {"members": n, "throughput_ratio_vs_sequential": statistics.median(ratios), "compile_s": compile_s}
+
+
+# ---------------------------------------------------------------------------------- warm start
+
+
+def warm_child(args: argparse.Namespace, device: torch.device) -> None:
+    """In a second process: the first-call time of functrain's jit step for each model."""
+    out = {}
+    for spec in specs(args.tiny):
+        torch.manual_seed(0)
+        batches = [tuple(t.to(device) for t in b) for b in spec.batches(2)]
+        c = _functrain("functrain jit", spec.make().to(device), args.backend)
+        first = _time(lambda c=c: c.step(batches[0]), device)
+        steady = _time(lambda c=c: c.step(batches[1]), device)
+        out[spec.name] = max(first - steady, 0.0)
+    print("WARM_JSON " + json.dumps(out), flush=True)
+
+
+def warm_start(args: argparse.Namespace, cache_dir: str) -> dict[str, float] | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--warm-child", "--device", args.device]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("WARM_JSON "):
+            return json.loads(line[len("WARM_JSON "):])
+    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+    return None
+
+
+# -------------------------------------------------------------------------------------- report
+
+
+def _mb(b: int) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Performance",
+        "",
+        "Written by `python benchmarks/bench_steps.py` "
+        f"({'--tiny, ' if meta['tiny'] else ''}{meta['rounds']} rounds x {meta['steps']} steps, "
+        f"device {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, backend {meta['backend']}).",
+        "All contenders run in one process, interleaved round by round; ratios are medians of per-round ratios",
+        "against the fastest imperative PyTorch loop of the same model (`best`), so machine noise cancels.",
+        "Memory is the peak of live tensor bytes during one steady step (allocator level, not RSS: on CPU the",
+        "persistent tensors' bytes plus the running sum of `torch.profiler(profile_memory=True)` allocation",
+        "events; on CUDA `torch.cuda.max_memory_allocated`). Compile is the first call minus a steady step.",
+        "",
+    ]
+    for model, r in results["models"].items():
+        lines += [f"## {model} ({r['params']:,} params; best imperative: {r['best_imperative']})", "",
+                  "| contender | steps/s | vs best | vs eager AdamW | peak MB | memory vs best | compile s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in r["contenders"].items():
+            comp = "" if c["compile_s"] is None else f"{c['compile_s']:.1f}"
+            lines.append(f"| {name} | {c['steps_per_s']:.1f} | {c['ratio_vs_best_imperative']:.2f}x | "
+                         f"{c['ratio_vs_eager_adamw']:.2f}x | {_mb(c['peak_bytes'])} | "
+                         f"{c['memory_ratio_vs_best_imperative']:.2f}x | {comp} |")
+        if r.get("population"):
+            p = r["population"]
+            lines += ["", f"Population: N={p['members']} members in one vmapped `functrain.jit` step: "
+                          f"{p['throughput_ratio_vs_sequential']:.2f}x the throughput of {p['members']} sequential "
+                          f"jit runs (compile {p['compile_s']:.1f} s)."]
+        lines.append("")
+    warm = results.get("warm_start")
+    lines += ["## Compile start-up (functrain jit step)", ""]
+    if warm:
+        lines += ["| model | cold s | warm s (second process) | warm / cold |", "|---|---:|---:|---:|"]
+        for model, w in warm.items():
+            lines.append(f"| {model} | {w['cold_s']:.1f} | {w['warm_s']:.1f} | {100 * w['ratio']:.0f} % |")
+    else:
+        lines.append("Not measured in this run (`--no-warm-start`).")
+    lines += [
+        "",
+        "How: inductor keeps its FX graph cache and AOT-autograd cache on disk (on by default) under",
+        "`TORCHINDUCTOR_CACHE_DIR` (default `/tmp/torchinductor_$USER`). A second process that compiles the",
+        "same step with the same torch version and shapes skips inductor codegen and C++ compilation; Dynamo",
+        "still traces the Python step (that tracing is what remains of the warm time). Point",
+        "`TORCHINDUCTOR_CACHE_DIR` at persistent storage (or save/load a portable bundle with",
+        "`torch.compiler.save_cache_artifacts()` / `torch.compiler.load_cache_artifacts(blob)`) to warm-start",
+        "jobs on fresh machines.",
+        "",
+    ]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny models and few steps: a smoke run for CI")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, tiny 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per contender per round (default 10, tiny 2)")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)")
+    p.add_argument("--models", default="mlp,transformer,convbn")
+    p.add_argument("--no-warm-start", action="store_true", help="skip the second-process warm compile")
+    p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny and args.backend is None:
+        args.backend = "aot_eager"
+    args.rounds = args.rounds or (2 if args.tiny else 7)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    device = torch.device(args.device)
+    torch.set_num_threads(min(2, os.cpu_count() or 1)) if device.type == "cpu" else None
+    if args.warm_child:
+        warm_child(args, device)
+        return {}
+    cache_dir = tempfile.mkdtemp(prefix="functrain_bench_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # cold compiles in this process
+    wanted = args.models.split(",")
+    results: dict[str, Any] = {
+        "meta": {"tiny": args.tiny, "rounds": args.rounds, "steps": args.steps, "device": str(device),
+                 "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "backend": args.backend or "inductor"},
+        "models": {},
+    }
+    t0 = time.time()
+    for spec in specs(args.tiny):
+        if spec.name in wanted:
+            print(f"[{time.time() - t0:6.1f}s] {spec.name}", flush=True)
+            results["models"][spec.name] = bench_model(spec, args, device)
+    results["warm_start"] = None
+    if not args.no_warm_start and (args.backend or "inductor") == "inductor":
+        print(f"[{time.time() - t0:6.1f}s] warm start (second process)", flush=True)
+        warm = warm_start(args, cache_dir)
+        if warm:
+            results["warm_start"] = {
+                m: {"cold_s": results["models"][m]["contenders"]["functrain jit"]["compile_s"], "warm_s": w,
+                    "ratio": w / results["models"][m]["contenders"]["functrain jit"]["compile_s"]}
+                for m, w in warm.items() if m in results["models"]
+            }
+    results["meta"]["total_s"] = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(markdown(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""``train(state, config) -> state``: the imperative shell around pure steps.
+
+The loop feeds one batch per call of ``config.step`` (a micro-batch when the optimizer
+accumulates), stores the data position in the state after every call, evaluates, records
+results, saves checkpoints and logs. All decisions it makes (when to evaluate, what is best,
+when to stop) are functions of the state and the config, so an interrupted and resumed run
+makes the same ones as an uninterrupted run.
+
+Order of work after each call of the step: data position into the state; stop signal
+(save, exit); logging; evaluation (best/patience into the state's tracker, records to
+``results.json``); checkpoint. Checkpoint files are keyed by ``state.micro_step`` (equal to
+``state.step`` without accumulation), so a save inside an accumulation window never
+replaces the one at the window's start.
+
+Example:
+    >>> import torch, functrain as ft
+    >>> from functrain.data import Loader
+    >>> from functrain.shell import TrainConfig, train
+    >>> model = torch.nn.Linear(3, 1)
+    >>> data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
+    >>> loss = lambda f, b: torch.nn.functional.mse_loss(f(b[0]), b[1])
+    >>> opt = ft.optim.sgd(0.1)
+    >>> config = TrainConfig(steps=10, step=ft.make_train_step(model, loss, opt), data=Loader(data, 8),
+    ...                      progress=False, log_every=0)
+    >>> state = train(ft.TrainState.create(model, opt, seed=0), config)
+    functrain: started fresh at step 0 (epoch 0, sample 0)
+    >>> int(state.step), int(state.epoch), int(state.data_index)
+    (10, 2, 16)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from functrain.checkpoint import CheckpointManager, load
+from functrain.checkpoint.format import finish_restore
+from functrain.core.state import TrainState, counter
+from functrain.core.step import batch_size
+from functrain.shell.config import TrainConfig, semantic, semantic_diff, semantic_hash
+from functrain.shell.evaluate import EvaluationStopped, evaluate
+from functrain.shell.results import Results, score_of, should_stop, update_tracker
+from functrain.shell.runlog import RunLog, is_main_process, versions
+from functrain.shell.signals import Interrupted, StopFlag
+
+__all__ = ["train", "check_config", "restore_state", "load_pretrained"]
+
+SEMANTIC_FILE = "semantic.json"
+CHECKPOINTS = "checkpoints"
+PENDING_EVAL = "functrain.pending_eval"
+"""Key in ``state.eval_metrics`` of a state saved by a signal during its evaluation."""
+
+
+# ------------------------------------------------------------------ config
+def check_config(config: TrainConfig) -> None:
+    """Raise a clear error for a config ``train`` cannot run."""
+    if (config.steps is None) == (config.epochs is None):
+        raise ValueError("set exactly one of steps= (step mode) or epochs= (epoch mode) in TrainConfig")
+    if config.step is None or not callable(config.step):
+        raise ValueError("TrainConfig.step must be a train step (state, batch) -> state, e.g. ft.make_train_step(...)")
+    if not hasattr(config.data, "iterate"):
+        raise TypeError(
+            f"TrainConfig.data must be a functrain.data.Loader (its position is saved in the state), "
+            f"got {type(config.data).__name__}; wrap the dataset: functrain.data.Loader(dataset, batch_size)"
+        )
+    if config.score is not None:
+        if len(config.score) != 3 or config.score[2] not in ("min", "max"):
+            raise ValueError(f"score must be (split, metric, 'min' | 'max'), got {config.score!r}; "
+                             "the mode is explicit, whatever the metric is called")
+        if config.eval_data is None or config.score[0] not in config.eval_data:
+            raise ValueError(f"score split {config.score[0]!r} is not in eval_data ({sorted(config.eval_data or {})})")
+    if (config.eval_data is None) != (config.eval_step is None):
+        raise ValueError("set eval_step and eval_data together")
+    if config.eval_data is not None and config.steps is not None and not config.eval_every:
+        raise ValueError("in step mode, set eval_every= (steps between evaluations) when eval_data is given")
+    if config.patience is not None and config.score is None:
+        raise ValueError("patience needs score=(split, metric, mode) to know what improves")
+    if config.resume not in ("auto", "never") and not os.path.exists(config.resume):
+        raise FileNotFoundError(f"resume={config.resume!r}: no such checkpoint file or folder; "
+                                "use resume='auto' to resume from checkpoint_dir when it has a checkpoint")
+
+
+def _check_semantics(directory: str, config: TrainConfig, resuming: bool) -> None:
+    path = os.path.join(directory, SEMANTIC_FILE)
+    current = semantic(config)
+    if resuming and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["hash"] != semantic_hash(current):
+            lines = semantic_diff(saved["semantic"], current)
+            raise ValueError(
+                f"refusing to resume {directory}: the config changed in a way that changes the math:\n"
+                + "\n".join(lines)
+                + "\nRestore these values, or start a new run in another checkpoint_dir. "
+                "(steps/epochs, logging and checkpoint cadence may change freely.)"
+            )
+    if is_main_process():
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"hash": semantic_hash(current), "semantic": current}, f, indent=2, sort_keys=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"config": config.to_dict(), "versions": versions()}, f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------- restore
+def restore_state(template: TrainState, plain: Any, source: str) -> TrainState:
+    """A state of ``template``'s structure from a checkpoint read as plain containers.
+
+    ``metrics`` and ``eval_metrics`` are taken as saved (their keys are not known in advance);
+    everything else must match the template's keys, shapes and dtypes.
+    """
+    target = template.replace(metrics=dict(plain.get("metrics") or {}),
+                              eval_metrics=dict(plain.get("eval_metrics") or {}))
+    return finish_restore(plain, target, True, source)
+
+
+def _find_ema(tree: Any, keys: set[str]) -> dict[str, torch.Tensor] | None:
+    if isinstance(tree, dict):
+        ema = tree.get("ema")
+        if isinstance(ema, dict) and set(ema) == keys:
+            return ema
+        children = list(tree.values())
+    elif isinstance(tree, (list, tuple)):
+        children = list(tree)
+    else:
+        return None
+    for child in children:
+        found = _find_ema(child, keys)
+        if found is not None:
+            return found
+    return None
+
+
+def load_pretrained(state: TrainState, path: str) -> TrainState:
+    """``state`` with params from a checkpoint (its EMA params when it has them); nothing else changes."""
+    plain = load(path)
+    keys = set(state.params)
+    params = plain.get("params", plain) if isinstance(plain, dict) else None
+    ema = _find_ema(plain.get("opt_state"), keys) if isinstance(plain, dict) else None
+    source = ema if ema is not None else params
+    if not isinstance(source, dict) or set(source) != keys:
+        have = sorted(source) if isinstance(source, dict) else type(source).__name__
+        raise ValueError(f"pretrained={path}: its params {have} do not match the model's {sorted(keys)}")
+    new = {}
+    for k, v in state.params.items():
+        w = source[k]
+        if tuple(w.shape) != tuple(v.shape) or w.dtype != v.dtype:
+            raise ValueError(f"pretrained={path}: params/{k} is {w.dtype} {tuple(w.shape)}, "
+                             f"the model wants {v.dtype} {tuple(v.shape)}")
+        new[k] = w.to(v.device)
+    return state.replace(params=new)
+
+
+def _start(state: TrainState, config: TrainConfig, manager: CheckpointManager | None) -> tuple[TrainState, str]:
+    """Resume, start from pretrained weights, or start fresh (in that order of precedence)."""
+    if config.resume not in ("auto", "never"):
+        path = config.resume
+        if os.path.isdir(path):
+            sub = os.path.join(path, CHECKPOINTS)
+            with CheckpointManager(sub if os.path.isdir(sub) else path) as other:
+                plain = other.restore(None)
+        else:
+            plain = load(path)
+        return restore_state(state, plain, path), f"resumed from {path}"
+    latest = manager.latest_step() if manager is not None else None
+    if latest is not None:
+        if config.resume == "never":
+            raise FileExistsError(
+                f"resume='never' but {manager.directory} already has checkpoints (latest {latest}); "
+                "use another checkpoint_dir, or resume='auto' to continue that run"
+            )
+        return restore_state(state, manager.restore(None), manager.directory), f"resumed from {manager.directory}"
+    if config.pretrained is not None:
+        return load_pretrained(state, config.pretrained), f"started from pretrained params {config.pretrained}"
+    return state, "started fresh"
+
+
+# -------------------------------------------------------------------- loop
+class _Run:
+    """The mutable bookkeeping of one ``train`` call (not part of the state)."""
+
+    def __init__(self, config: TrainConfig, manager: CheckpointManager | None, results: Results, log: RunLog,
+                 flag: StopFlag) -> None:
+        self.config, self.manager, self.results, self.log, self.flag = config, manager, results, log, flag
+        self.saved_micro = -1
+        self.samples = 0
+        self.clock = time.perf_counter()
+
+    # decisions ------------------------------------------------------------
+    def done(self, state: TrainState) -> bool:
+        c = self.config
+        return int(state.step) >= c.steps if c.steps is not None else int(state.epoch) >= c.epochs
+
+    def stopped_early(self, state: TrainState) -> bool:
+        return should_stop(state.tracker, self.config.patience)
+
+    def eval_due(self, state: TrainState, advanced: bool, new_epoch: bool) -> bool:
+        c = self.config
+        if c.eval_step is None:
+            return False
+        if c.steps is not None:
+            return advanced and int(state.step) % c.eval_every == 0
+        return new_epoch and int(state.epoch) % (c.eval_every or 1) == 0
+
+    def checkpoint_due(self, state: TrainState, advanced: bool, new_epoch: bool) -> bool:
+        every = self.config.checkpoint_every
+        if self.manager is None or not every:
+            return False
+        if self.config.steps is not None:
+            return advanced and int(state.step) % every == 0
+        return new_epoch and int(state.epoch) % every == 0
+
+    # actions --------------------------------------------------------------
+    def save(self, state: TrainState, score: float | None = None, sync: bool = False) -> None:
+        if self.manager is None or int(state.micro_step) == self.saved_micro:
+            return
+        metrics = {"score": score} if score is not None else None
+        self.manager.save(state, step=int(state.micro_step), metrics=metrics)
+        if sync:
+            self.manager.wait()
+        self.saved_micro = int(state.micro_step)
+
+    def check_signal(self, state: TrainState) -> None:
+        signum = self.flag.requested()
+        if signum is None:
+            return
+        self.save(state, sync=True)
+        if self.manager is not None:
+            self.manager.wait()
+        where = self.manager.path_of(int(state.micro_step)) if self.manager is not None else None
+        self.log.beat(int(state.step), status="interrupted")
+        raise Interrupted(signum, where)
+
+    def evaluate(self, state: TrainState) -> tuple[TrainState, float | None]:
+        """Evaluate every split, update the tracker, record the results."""
+        c = self.config
+        record: dict[str, Any] = {"step": int(state.step), "epoch": int(state.epoch)}
+        for split, data in c.eval_data.items():
+            try:
+                record[split] = evaluate(state, c.eval_step, data, should_stop=lambda: self.flag.signum is not None)
+            except EvaluationStopped:  # save the state before this evaluation, marked to evaluate on resume
+                self.check_signal(state.replace(eval_metrics={PENDING_EVAL: state.step.clone()}))
+        score = None
+        if c.score is not None:
+            score = score_of(record, c.score)
+            improved_before = int(state.tracker.best_step)
+            state = state.replace(tracker=update_tracker(state.tracker, score, int(state.step), c.score[2]))
+            if int(state.tracker.best_step) == improved_before:
+                score = None  # not a new best: no need to keep this checkpoint as best
+        self.results.add(record, state.tracker)
+        for split in c.eval_data:
+            self.log.scalars(split, record[split], int(state.step))
+        text = "  ".join(f"{s}/{k} {v:.4g}" for s in c.eval_data for k, v in record[s].items())
+        self.log.print(f"eval step {record['step']} epoch {record['epoch']}: {text}")
+        return state, score
+
+    def log_train(self, state: TrainState) -> None:
+        now = time.perf_counter()
+        values = {k: float(v) for k, v in state.metrics.items() if v.dim() == 0}
+        values["samples_per_s"] = self.samples / max(now - self.clock, 1e-9)
+        self.samples, self.clock = 0, now
+        step = int(state.step)
+        self.log.scalars("train", values, step)
+        self.log.beat(step)
+        if self.log.bar is None:
+            text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+            self.log.print(f"step {step} epoch {int(state.epoch)}: {text}")
+
+
+def train(state: TrainState, config: TrainConfig) -> TrainState:
+    """Train ``state`` as ``config`` says and return the final state.
+
+    Resumes from ``config.checkpoint_dir`` when it holds a checkpoint (``resume="auto"``),
+    runs until ``steps``/``epochs`` or early stopping, evaluates and saves on the configured
+    cadence, and always saves the final state. A SIGTERM/SIGINT/SIGUSR1 saves the state at
+    the next micro-step (or evaluation batch) and raises :class:`Interrupted`
+    (exit code ``128 + signum``).
+    """
+    check_config(config)
+    directory = config.checkpoint_dir
+    manager = None
+    if directory is not None:
+        score = config.score
+        manager = CheckpointManager(
+            os.path.join(directory, CHECKPOINTS), keep_last=config.keep_last, keep_best=config.keep_best,
+            best_metric="score" if score else None, mode=score[2] if score else "min",
+            async_save=config.async_checkpoint,
+        )
+    log = None
+    try:
+        state, how = _start(state, config, manager)
+        if directory is not None:
+            _check_semantics(directory, config, resuming=how.startswith("resumed"))
+        results = Results(directory, config.score)
+        results.truncate(int(state.step))
+        unit_total = config.steps if config.steps is not None else config.epochs
+        unit_now = int(state.step) if config.steps is not None else int(state.epoch)
+        log = RunLog(directory, unit_total, initial=unit_now, progress=config.progress, tensorboard=config.tensorboard,
+                     heartbeat=config.heartbeat, purge_step=int(state.step) if how.startswith("resumed") else None,
+                     unit="step" if config.steps is not None else "epoch")
+        log.print(f"functrain: {how} at step {int(state.step)} (epoch {int(state.epoch)}, "
+                  f"sample {int(state.data_index)})" + (f"; run folder {directory}" if directory else ""))
+        with StopFlag() as flag:
+            run = _Run(config, manager, results, log, flag)
+            if manager is not None and manager.latest_step() == int(state.micro_step):
+                run.saved_micro = int(state.micro_step)
+            state = _loop(state, run)
+            log.beat(int(state.step), status="finished")
+            if directory is not None:
+                log.print(f"functrain: finished at step {int(state.step)}; checkpoints in "
+                          f"{os.path.join(directory, CHECKPOINTS)}, results in {directory}/results.json"
+                          + (f", TensorBoard logs in {directory}/tensorboard" if config.tensorboard else ""))
+        return state
+    finally:
+        if manager is not None:
+            manager.close()
+        if log is not None:
+            log.close()
+
+
+def _loop(state: TrainState, run: _Run) -> TrainState:
+    config = run.config
+    loader = config.data
+    world = getattr(loader, "world_size", 1)
+    if PENDING_EVAL in state.eval_metrics:  # an evaluation that a signal cut short
+        state, best = run.evaluate(state.replace(eval_metrics={}))
+        run.save(state, best)
+    if not run.done(state) and not run.stopped_early(state):
+        device = state.epoch.device
+        batches = loader.iterate(int(state.epoch), int(state.data_index))
+        for batch, epoch, index in batches:
+            before_step, before_epoch = int(state.step), int(state.epoch)
+            state = config.step(state, batch)
+            state = state.replace(epoch=counter(epoch, device), data_index=counter(index, device))
+            run.samples += batch_size(batch) * world
+            run.check_signal(state)
+            advanced = int(state.step) > before_step
+            new_epoch = epoch > before_epoch
+            if advanced and config.log_every and int(state.step) % config.log_every == 0:
+                run.log_train(state)
+            if advanced or new_epoch:
+                run.log.advance(int(state.step) if config.steps is not None else int(state.epoch),
+                                {k: float(v) for k, v in state.metrics.items() if k == "loss"})
+            best = None
+            if run.eval_due(state, advanced, new_epoch):
+                state, best = run.evaluate(state)
+            if best is not None or run.checkpoint_due(state, advanced, new_epoch):
+                run.save(state, best)
+            if run.done(state) or run.stopped_early(state):
+                break
+        batches.close()
+    if run.stopped_early(state):
+        run.log.print(f"functrain: early stop at step {int(state.step)}: {config.patience} evaluations without "
+                      f"improvement; best step {int(state.tracker.best_step)}")
+    run.save(state)
+    return state
