@@ -42,8 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -240,8 +241,11 @@ def peak_step_bytes(c: Contender, batch: Any, device: torch.device) -> int:
             c.step(batch)
     events = prof.events()
     window = next(e.time_range for e in events if e.name == "measured_step")
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage) for e in events
-                    if e.name == "[memory]" and window.start <= e.time_range.start <= window.end)
+    # allocations are attributed to the op that made them (self_cpu_memory_usage: its own net bytes,
+    # children excluded), or to a "[memory]" event outside any op; op granularity, in time order
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in events
+                    if e.self_cpu_memory_usage and e.name != "measured_step"
+                    and window.start <= e.time_range.start <= window.end)
     running = peak = 0
     for _, d in deltas:
         running += d
@@ -352,8 +356,8 @@ def warm_child(args: argparse.Namespace, device: torch.device) -> None:
         torch.manual_seed(0)
         batches = [tuple(t.to(device) for t in b) for b in spec.batches(2)]
         c = _functrain("functrain jit", spec.make().to(device), args.backend)
-        first = _time(lambda c=c: c.step(batches[0]), device)
-        steady = _time(lambda c=c: c.step(batches[1]), device)
+        first = _time(lambda c=c, b=batches[0]: c.step(b), device)
+        steady = _time(lambda c=c, b=batches[1]: c.step(b), device)
         out[spec.name] = max(first - steady, 0.0)
     print("WARM_JSON " + json.dumps(out), flush=True)
 
@@ -417,7 +421,7 @@ def markdown(results: dict[str, Any]) -> str:
         for model, w in warm.items():
             lines.append(f"| {model} | {w['cold_s']:.1f} | {w['warm_s']:.1f} | {100 * w['ratio']:.0f} % |")
     else:
-        lines.append("Not measured in this run (`--no-warm-start`).")
+        lines.append("Not measured in this run (`--no-warm-start`, or a backend other than inductor).")
     lines += [
         "",
         "How: inductor keeps its FX graph cache and AOT-autograd cache on disk (on by default) under",
@@ -442,13 +446,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "performance.md"))
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)")
+    p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; tiny: eager)")
     p.add_argument("--models", default="mlp,transformer,convbn")
     p.add_argument("--no-warm-start", action="store_true", help="skip the second-process warm compile")
     p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny and args.backend is None:
-        args.backend = "aot_eager"
+        args.backend = "eager"
     args.rounds = args.rounds or (2 if args.tiny else 7)
     args.steps = args.steps or (2 if args.tiny else 10)
     device = torch.device(args.device)

@@ -9,7 +9,7 @@ optimizers); the shell in ``functrain.checkpoint``, ``functrain.data``, ``functr
 and the ``functrain`` command line (``functrain.cli``).
 """
 
-from functrain import optim, testing
+from functrain import data, optim, testing
 from functrain.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -31,10 +31,18 @@ from functrain.core.compose import compose, repeat
 from functrain.core.jit import jit
 from functrain.core.state import LossScale, Tracker, TrainState, state_dict
 from functrain.core.step import Step, batch_size, eval_results, make_eval_step, make_train_step, reset_eval
+from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_step, predict, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Interrupted",
+    "TrainConfig",
+    "data",
+    "evaluate",
+    "make_predict_step",
+    "predict",
+    "train",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointSaveError",

@@ -62,7 +62,7 @@ def test_ranks_partition_each_global_batch():
     n, b, w = 24, 3, 2
     ranks = [_samples(Loader(_dataset(n), batch_size=b, seed=5, rank=r, world_size=w), stop_epoch=1) for r in range(w)]
     single = _samples(Loader(_dataset(n), batch_size=b * w, seed=5), stop_epoch=1)
-    for step, (one, *shards) in enumerate(zip(single, *ranks)):
+    for one, *shards in zip(single, *ranks):
         assert sum((s[0] for s in shards), []) == one[0]
         assert all(s[1:] == one[1:] for s in shards)  # every rank agrees on the position
 
@@ -76,7 +76,8 @@ def test_resume_on_another_world_size_sees_the_remaining_samples():
 
 
 def test_not_drop_last_pads_across_ranks():
-    shards = [_samples(Loader(_dataset(5), 2, shuffle=False, drop_last=False, rank=r, world_size=2), count=3) for r in (0, 1)]
+    loaders = [Loader(_dataset(5), 2, shuffle=False, drop_last=False, rank=r, world_size=2) for r in (0, 1)]
+    shards = [_samples(loader, count=3) for loader in loaders]
     assert [s[0] for s in shards[0]][:2] == [[0, 1], [4]]
     assert [s[0] for s in shards[1]][:2] == [[2, 3], [0]]
 

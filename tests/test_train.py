@@ -10,8 +10,8 @@ import torch
 
 import functrain as ft
 from functrain.checkpoint import tree_digest
-from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_step, predict, train
 from functrain.data import Loader
+from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_step, predict, train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers.tiny import MLP, dataset, setup  # noqa: E402
@@ -193,7 +193,7 @@ def test_evaluate_and_predict_in_dataset_order():
     preds = predict(state, make_predict_step(model), loader)
     model.load_state_dict(ft.state_dict(state))
     model.eval()
-    assert torch.equal(preds, model(data.tensors[0]))
+    assert torch.allclose(preds, model(data.tensors[0]), atol=1e-6)  # batch 6 vs 20: last-bit differences
     metrics = evaluate(state, config.eval_step, loader)
     expected = torch.nn.functional.cross_entropy(preds, data.tensors[1]).item()
     assert metrics["loss"] == pytest.approx(expected, rel=1e-6)

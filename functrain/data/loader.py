@@ -27,7 +27,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -45,7 +46,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class _Positions:
     """The batch sampler: lists of dataset indices from a start position, across epochs."""
 
-    def __init__(self, loader: "Loader", epoch: int, index: int, stop_epoch: int | None) -> None:
+    def __init__(self, loader: Loader, epoch: int, index: int, stop_epoch: int | None) -> None:
         self.loader, self.epoch, self.index, self.stop_epoch = loader, epoch, index, stop_epoch
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -87,7 +88,8 @@ class Loader:
         world_size: int | None = None,
         pin_memory: bool = False,
     ) -> None:
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        if isinstance(dataset, IterableDataset) or not map_style:
             raise TypeError(
                 f"functrain.data.Loader needs a map-style dataset (with __getitem__ and __len__) so that it can seek "
                 f"to a saved position; got {type(dataset).__name__}. Materialize the stream into a list or a "

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+
+import tomllib
 
 __all__ = ["TrainConfig", "semantic", "semantic_hash", "semantic_diff", "to_plain", "OBJECT_FIELDS"]
 
@@ -81,18 +83,18 @@ class TrainConfig:
     seed: int = 0
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------ loading
     @classmethod
-    def from_file(cls, path: str | Path, **defaults: Any) -> "TrainConfig":
+    def from_file(cls, path: str | Path, **defaults: Any) -> TrainConfig:
         """A config from a TOML or JSON file, on top of ``defaults``."""
         return _apply(cls(**defaults), _read_file(Path(path)), f"file {path}")
 
     @classmethod
-    def from_args(cls, argv: Sequence[str], **defaults: Any) -> "TrainConfig":
+    def from_args(cls, argv: Sequence[str], **defaults: Any) -> TrainConfig:
         """A config from ``key=value`` arguments (and ``config=file.toml``), on top of ``defaults``.
 
         Values are parsed by the field's type (``hparams`` entries by their default's type);
@@ -112,7 +114,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The plain fields as JSON-friendly values (what the run folder records)."""
-        return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in OBJECT_FIELDS}
+        names = [f.name for f in dataclasses.fields(self) if f.name not in OBJECT_FIELDS]
+        return {name: to_plain(getattr(self, name)) for name in names}
 
 
 # ------------------------------------------------------------------ parsing

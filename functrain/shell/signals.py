@@ -22,8 +22,6 @@ import signal
 import threading
 from typing import Any
 
-import torch
-
 __all__ = ["StopFlag", "Interrupted", "SIGNALS"]
 
 SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))
@@ -54,7 +52,7 @@ class StopFlag:
             os._exit(128 + signum)  # a second signal: leave now
         self.signum = signum
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -66,10 +64,12 @@ class StopFlag:
         self._previous.clear()
 
     def requested(self) -> int | None:
-        """The signal number if any rank received a stop signal, else None (a collective when distributed)."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([self.signum or 0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return int(flag) or None
-        return self.signum
+        """The signal number if any rank received a stop signal, else None.
+
+        With a process group of several ranks this is a collective (an all-reduce MAX of one
+        integer): every rank must call it at the same point (a step boundary, an evaluation
+        batch), and every rank gets the same answer. Never called from the handler.
+        """
+        from functrain.shell.distributed import agree_flag
+
+        return agree_flag(self.signum or 0) or None

@@ -33,18 +33,20 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
 
-from functrain.checkpoint import CheckpointManager, load
+from functrain.checkpoint import CheckpointManager, load, tree_digest
 from functrain.checkpoint.format import finish_restore
 from functrain.core.state import TrainState, counter
 from functrain.core.step import batch_size
+from functrain.shell import distributed as dist
 from functrain.shell.config import TrainConfig, semantic, semantic_diff, semantic_hash
 from functrain.shell.evaluate import EvaluationStopped, evaluate
 from functrain.shell.results import Results, score_of, should_stop, update_tracker
-from functrain.shell.runlog import RunLog, is_main_process, versions
+from functrain.shell.runlog import RunLog, _write_json, is_main_process, versions
 from functrain.shell.signals import Interrupted, StopFlag
 
 __all__ = ["train", "check_config", "restore_state", "load_pretrained"]
@@ -100,10 +102,33 @@ def _check_semantics(directory: str, config: TrainConfig, resuming: bool) -> Non
             )
     if is_main_process():
         os.makedirs(directory, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"hash": semantic_hash(current), "semantic": current}, f, indent=2, sort_keys=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump({"config": config.to_dict(), "versions": versions()}, f, indent=2, sort_keys=True)
+        _write_json(path, {"hash": semantic_hash(current), "semantic": current})
+        _write_json(os.path.join(directory, "config.json"),
+                    {"config": config.to_dict(), "versions": versions(), "world_size": dist.world()[1]})
+
+
+def saved_world_size(source: str) -> int | None:
+    """The number of ranks that wrote the run folder ``source`` (or the folder holding a checkpoint), if recorded."""
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+        path = os.path.join(candidate, "config.json")
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    size = json.load(f).get("world_size")
+            except (OSError, ValueError):
+                return None
+            return int(size) if isinstance(size, int) else None
+    return None
+
+
+def world_change_message(saved: int | None, now: int) -> str | None:
+    """The warning for resuming on another number of ranks, or None when it is the same (or unknown)."""
+    if saved is None or saved == now:
+        return None
+    return (f"functrain: resuming a {saved}-rank run on {now} rank(s): the data continues from the same global "
+            "sample, none skipped or repeated, but the trajectory is no longer bitwise the same as an uninterrupted "
+            f"{saved}-rank run (all-reduce order and per-rank dropout streams differ)")
 
 
 # ----------------------------------------------------------------- restore
@@ -166,17 +191,38 @@ def _start(state: TrainState, config: TrainConfig, manager: CheckpointManager | 
         else:
             plain = load(path)
         return restore_state(state, plain, path), f"resumed from {path}"
-    latest = manager.latest_step() if manager is not None else None
+    latest = dist.broadcast_object(manager.latest_step() if manager is not None else None)
     if latest is not None:
         if config.resume == "never":
             raise FileExistsError(
                 f"resume='never' but {manager.directory} already has checkpoints (latest {latest}); "
                 "use another checkpoint_dir, or resume='auto' to continue that run"
             )
-        return restore_state(state, manager.restore(None), manager.directory), f"resumed from {manager.directory}"
+        return restore_state(state, _restore_agreed(manager), manager.directory), f"resumed from {manager.directory}"
     if config.pretrained is not None:
         return load_pretrained(state, config.pretrained), f"started from pretrained params {config.pretrained}"
     return state, "started fresh"
+
+
+def _restore_agreed(manager: CheckpointManager) -> Any:
+    """Rank 0's latest readable checkpoint, restored by every rank (the same step on all)."""
+    plain = manager.restore(None) if is_main_process() else None
+    micro = dist.broadcast_object(int(plain["micro_step"]) if plain is not None else None)
+    if plain is not None:
+        return plain
+    try:
+        return manager.restore(None, step=micro)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"rank {dist.world()[0]}: rank 0 resumes from micro-step {micro} but this rank "
+                                f"cannot read it ({e}); put checkpoint_dir on a filesystem every node shares") from e
+
+
+def _bind_data(config: TrainConfig) -> TrainConfig:
+    """Train data sharded to this rank; evaluation data read whole on every rank (the same record everywhere)."""
+    rank, size = dist.world()
+    data = dist.shard_loader(config.data, rank, size)
+    evals = None if config.eval_data is None else {k: dist.shard_loader(v, 0, 1) for k, v in config.eval_data.items()}
+    return config.replace(data=data, eval_data=evals)
 
 
 # -------------------------------------------------------------------- loop
@@ -216,21 +262,36 @@ class _Run:
 
     # actions --------------------------------------------------------------
     def save(self, state: TrainState, score: float | None = None, sync: bool = False) -> None:
-        if self.manager is None or int(state.micro_step) == self.saved_micro:
+        """Rank 0 writes the (replicated) state; with ``sync`` or sync checkpoints every rank waits for the commit."""
+        if self.manager is None:
             return
-        metrics = {"score": score} if score is not None else None
-        self.manager.save(state, step=int(state.micro_step), metrics=metrics)
-        if sync:
-            self.manager.wait()
-        self.saved_micro = int(state.micro_step)
+        micro = int(state.micro_step)
+        fresh = micro != self.saved_micro
+        if not fresh and not sync:
+            return
+        error = None
+        if is_main_process():
+            try:
+                if fresh:
+                    self.manager.save(state, step=micro, metrics={"score": score} if score is not None else None)
+                if sync:
+                    self.manager.wait()
+            except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+                error = e
+        if (sync or not self.manager.async_save) and not dist.agree_ok(error is None):
+            # the other ranks wait here for the commit, so every rank resumes from the same step
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 failed to save the checkpoint of micro-step {micro}; see rank 0's error")
+        if error is not None:
+            raise error
+        self.saved_micro = micro
 
     def check_signal(self, state: TrainState) -> None:
-        signum = self.flag.requested()
+        signum = self.flag.requested()  # agreed by all ranks (a small all-reduce MAX)
         if signum is None:
             return
         self.save(state, sync=True)
-        if self.manager is not None:
-            self.manager.wait()
         where = self.manager.path_of(int(state.micro_step)) if self.manager is not None else None
         self.log.beat(int(state.step), status="interrupted")
         raise Interrupted(signum, where)
@@ -241,9 +302,11 @@ class _Run:
         record: dict[str, Any] = {"step": int(state.step), "epoch": int(state.epoch)}
         for split, data in c.eval_data.items():
             try:
-                record[split] = evaluate(state, c.eval_step, data, should_stop=lambda: self.flag.signum is not None)
+                record[split] = evaluate(state, c.eval_step, data,
+                                         should_stop=lambda: self.flag.requested() is not None)
             except EvaluationStopped:  # save the state before this evaluation, marked to evaluate on resume
                 self.check_signal(state.replace(eval_metrics={PENDING_EVAL: state.step.clone()}))
+        record = dist.broadcast_object(record)  # one record (and so one decision) on every rank
         score = None
         if c.score is not None:
             score = score_of(record, c.score)
@@ -281,32 +344,62 @@ def train(state: TrainState, config: TrainConfig) -> TrainState:
     (exit code ``128 + signum``).
     """
     check_config(config)
+    owned = dist.init_from_env(state.step.device)  # torchrun's environment, when no group exists yet
+    try:
+        return _train(state, _bind_data(config))
+    finally:
+        dist.teardown(owned)
+
+
+def _open_manager(config: TrainConfig) -> CheckpointManager | None:
+    """The run's checkpoint manager; rank 0 opens it first (it clears stray temporary files), then the others."""
+    if config.checkpoint_dir is None:
+        return None
+    main = is_main_process()
+    if not main:
+        dist.barrier()
+    score = config.score
+    manager = CheckpointManager(
+        os.path.join(config.checkpoint_dir, CHECKPOINTS), keep_last=config.keep_last, keep_best=config.keep_best,
+        best_metric="score" if score else None, mode=score[2] if score else "min",
+        async_save=config.async_checkpoint,
+    )
+    if main:
+        dist.barrier()
+    dist.barrier()  # no rank saves before every rank has opened the folder
+    return manager
+
+
+def _train(state: TrainState, config: TrainConfig) -> TrainState:
     directory = config.checkpoint_dir
-    manager = None
-    if directory is not None:
-        score = config.score
-        manager = CheckpointManager(
-            os.path.join(directory, CHECKPOINTS), keep_last=config.keep_last, keep_best=config.keep_best,
-            best_metric="score" if score else None, mode=score[2] if score else "min",
-            async_save=config.async_checkpoint,
-        )
+    manager = _open_manager(config)
     log = None
     try:
         state, how = _start(state, config, manager)
+        resumed = how.startswith("resumed")
+        if dist.is_distributed():
+            dist.check_replicated(tree_digest(state))
+        source = config.resume if config.resume not in ("auto", "never") else directory
+        change = world_change_message(saved_world_size(source), dist.world()[1]) if resumed and source else None
         if directory is not None:
-            _check_semantics(directory, config, resuming=how.startswith("resumed"))
-        results = Results(directory, config.score)
+            _check_semantics(directory, config, resuming=resumed)
+        results = Results(directory if is_main_process() else None, config.score)
         results.truncate(int(state.step))
         unit_total = config.steps if config.steps is not None else config.epochs
         unit_now = int(state.step) if config.steps is not None else int(state.epoch)
         log = RunLog(directory, unit_total, initial=unit_now, progress=config.progress, tensorboard=config.tensorboard,
-                     heartbeat=config.heartbeat, purge_step=int(state.step) if how.startswith("resumed") else None,
+                     heartbeat=config.heartbeat, purge_step=int(state.step) if resumed else None,
                      unit="step" if config.steps is not None else "epoch")
+        rank, size = dist.world()
         log.print(f"functrain: {how} at step {int(state.step)} (epoch {int(state.epoch)}, "
-                  f"sample {int(state.data_index)})" + (f"; run folder {directory}" if directory else ""))
+                  f"sample {int(state.data_index)})" + (f"; run folder {directory}" if directory else "")
+                  + (f"; {size} ranks" if size > 1 else ""))
+        if change is not None and rank == 0:
+            warnings.warn(change, stacklevel=2)
         with StopFlag() as flag:
             run = _Run(config, manager, results, log, flag)
-            if manager is not None and manager.latest_step() == int(state.micro_step):
+            latest = dist.broadcast_object(manager.latest_step() if manager is not None else None)
+            if latest is not None and latest == int(state.micro_step):
                 run.saved_micro = int(state.micro_step)
             state = _loop(state, run)
             log.beat(int(state.step), status="finished")
@@ -337,7 +430,6 @@ def _loop(state: TrainState, run: _Run) -> TrainState:
             state = config.step(state, batch)
             state = state.replace(epoch=counter(epoch, device), data_index=counter(index, device))
             run.samples += batch_size(batch) * world
-            run.check_signal(state)
             advanced = int(state.step) > before_step
             new_epoch = epoch > before_epoch
             if advanced and config.log_every and int(state.step) % config.log_every == 0:
@@ -350,11 +442,12 @@ def _loop(state: TrainState, run: _Run) -> TrainState:
                 state, best = run.evaluate(state)
             if best is not None or run.checkpoint_due(state, advanced, new_epoch):
                 run.save(state, best)
+            run.check_signal(state)  # after the evaluation it may have needed (which checks it between batches)
             if run.done(state) or run.stopped_early(state):
                 break
         batches.close()
     if run.stopped_early(state):
         run.log.print(f"functrain: early stop at step {int(state.step)}: {config.patience} evaluations without "
                       f"improvement; best step {int(state.tracker.best_step)}")
-    run.save(state)
+    run.save(state, sync=True)  # every rank returns once the final state is committed
     return state
