@@ -28,7 +28,9 @@ from functrain.checkpoint import (
 from functrain.core import parallel
 from functrain.core import rng as random
 from functrain.core.compose import compose, repeat
+from functrain.core.donate import donate, is_donated, jit_donated
 from functrain.core.jit import jit
+from functrain.core.population import lr_scale, population_step, set_lr_scale, stack_states, unstack_state
 from functrain.core.state import LossScale, Tracker, TrainState, state_dict
 from functrain.core.step import Step, batch_size, eval_results, make_eval_step, make_train_step, reset_eval
 from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_step, predict, train
@@ -36,6 +38,14 @@ from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_ste
 __version__ = "0.1.0"
 
 __all__ = [
+    "donate",
+    "is_donated",
+    "jit_donated",
+    "lr_scale",
+    "population_step",
+    "set_lr_scale",
+    "stack_states",
+    "unstack_state",
     "Interrupted",
     "TrainConfig",
     "data",
