@@ -3,14 +3,13 @@
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
 from models import MLP, ConvBN, TinyTransformer, classification_loss, conv_batch, lm_batch, lm_loss, mlp_batch
-from treeutil import assert_bitwise_equal, clone_tree, raw_digest
+from treeutil import assert_bitwise_equal, clone_tree, dropout_run_digest
 
 import functrain as ft
 
@@ -87,29 +86,7 @@ def test_compiled_matches_eager_without_dropout():
 
 
 def test_compiled_dropout_step_gives_the_same_bytes_in_a_new_process():
-    script = textwrap.dedent(
-        f"""
-        import sys; sys.path[:0] = [{HERE!r}, {ROOT!r}]
-        import torch, functrain as ft
-        from models import MLP, classification_loss, mlp_batch
-        from treeutil import raw_digest
-        torch.manual_seed(0)
-        model = MLP(dropout=0.5)
-        opt = ft.optim.sgd(0.1, momentum=0.9)
-        state = ft.TrainState.create(model, opt, seed=4)
-        step = ft.jit(ft.make_train_step(model, classification_loss, opt))
-        for i in range(3):
-            state = step(state, mlp_batch(seed=i))
-        print(raw_digest(state))
-        """
-    )
+    script = (f"import sys; sys.path[:0] = [{HERE!r}, {ROOT!r}]; "
+              f"import treeutil; print(treeutil.dropout_run_digest(True))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = MLP(dropout=0.5)
-    opt = ft.optim.sgd(0.1, momentum=0.9)
-    state = ft.TrainState.create(model, opt, seed=4)
-    step = ft.jit(ft.make_train_step(model, classification_loss, opt))
-    for i in range(3):
-        state = step(state, mlp_batch(seed=i))
-    assert out.splitlines()[-1] == raw_digest(state)
+    assert out.splitlines()[-1] == dropout_run_digest(True)

@@ -1,37 +1,38 @@
-"""Test helpers: flatten a state to (path, tensor) pairs, in a fixed order."""
+"""Test helpers on top of functrain's own tree tools (functrain.testing, functrain.tree_digest)."""
 
 from __future__ import annotations
-
-import hashlib
 
 import optree
 import torch
 
+import functrain as ft
 from functrain.core.struct import NAMESPACE
-
-
-def tensors_with_paths(tree) -> list[tuple[str, torch.Tensor]]:
-    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
-    return [("/".join(map(str, p)), x) for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor)]
+from functrain.testing import assert_trees_equal as assert_bitwise_equal  # noqa: F401  (bitwise, names the path)
 
 
 def clone_tree(tree):
     return optree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree, namespace=NAMESPACE)
 
 
-def assert_bitwise_equal(a, b) -> None:
-    pa, pb = tensors_with_paths(a), tensors_with_paths(b)
-    assert [p for p, _ in pa] == [p for p, _ in pb]
-    for (path, x), (_, y) in zip(pa, pb):
-        assert x.dtype == y.dtype and x.shape == y.shape, path
-        assert torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
-                                     and torch.equal(x.nan_to_num(), y.nan_to_num())), f"{path} differs"
+def dropout_run_digest(compiled: bool) -> str:
+    """Three train steps with dropout from a fixed seed; the digest of the final state.
 
+    Run in the test process and in fresh ones: the digests must agree. Eager: a tiny
+    transformer with AdamW; compiled: an MLP with SGD momentum (a quicker compile).
+    """
+    from models import MLP, TinyTransformer, classification_loss, lm_batch, lm_loss, mlp_batch
 
-def raw_digest(tree) -> str:
-    h = hashlib.sha256()
-    for path, t in tensors_with_paths(tree):
-        h.update(path.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    torch.manual_seed(0)
+    if compiled:
+        torch._dynamo.reset()
+        model, loss, make_batch, opt, seed = MLP(dropout=0.5), classification_loss, mlp_batch, ft.optim.sgd(
+            0.1, momentum=0.9), 4
+    else:
+        model, loss, make_batch, opt, seed = TinyTransformer(dropout=0.3), lm_loss, lm_batch, ft.optim.adamw(1e-2), 9
+    state = ft.TrainState.create(model, opt, seed=seed)
+    step = ft.make_train_step(model, loss, opt)
+    if compiled:
+        step = ft.jit(step)
+    for i in range(3):
+        state = step(state, make_batch(seed=i))
+    return ft.tree_digest(state)
