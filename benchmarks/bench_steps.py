@@ -6,6 +6,9 @@ Usage::
     python benchmarks/bench_steps.py --tiny               # smoke run (< 60 s), for CI
     python benchmarks/bench_steps.py --rounds 9 --out docs/performance.md --json benchmarks/results.json
 
+It also runs ``benchmarks/bench_shell.py`` (``train()`` against a bare loop over the same
+compiled step; async checkpoint blocking) and appends its section (``--no-shell`` skips it).
+
 For each model (MLP, a small transformer with dropout, a conv net with BatchNorm) every
 contender trains the same model from the same initial weights on the same batches:
 
@@ -22,14 +25,18 @@ are not.
 
 Memory: the peak of live tensor bytes during one steady-state step, at the allocator level.
 On CPU: the bytes held by the contender's persistent tensors when the step starts (params,
-gradients, optimizer or functrain state, batch; unique storages) plus the running sum of
-the allocator's allocation/free events recorded by ``torch.profiler(profile_memory=True)``
-during the step; on CUDA, ``torch.cuda.max_memory_allocated``.
+gradients, optimizer or functrain state, batch; unique storages) plus the peak of the running
+sum of every allocation and free the profiler records (``torch.profiler(profile_memory=True)``,
+one event per allocator call, in time order) during the step; on CUDA,
+``torch.cuda.max_memory_allocated``. (Summing each op's net memory instead undercounts a
+compiled graph: the buffers it allocates and frees inside its one call net to zero.)
 
-Compile time: cold is the first call's time minus a steady step's time, in a process whose
-``TORCHINDUCTOR_CACHE_DIR`` is a fresh directory; warm is the same figure for functrain's
-jit step in a second process pointed at the same cache directory (inductor's FX graph cache
-and AOT-autograd cache are on by default).
+Compile time: the first call's time minus a steady step's time. In the tables, for every
+compiled contender, in this process (after the other contenders of the run compiled, so
+imports are paid). Start-up: functrain's jit step compiled in a fresh process with an empty
+``TORCHINDUCTOR_CACHE_DIR`` (cold), then in a second fresh process with the same cache
+directory (warm; inductor's FX graph cache and AOT-autograd cache are on by default); both
+pay the same one-off costs, so ``warm / cold`` compares like with like.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch._C._profiler import _EventType  # noqa: E402
 
 import functrain as ft  # noqa: E402
 from functrain.core import population as pop  # noqa: E402
@@ -239,17 +247,21 @@ def peak_step_bytes(c: Contender, batch: Any, device: torch.device) -> int:
         base = _unique_bytes(c.live() + list(batch))
         with record_function("measured_step"):
             c.step(batch)
-    events = prof.events()
-    window = next(e.time_range for e in events if e.name == "measured_step")
-    # allocations are attributed to the op that made them (self_cpu_memory_usage: its own net bytes,
-    # children excluded), or to a "[memory]" event outside any op; op granularity, in time order
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in events
-                    if e.self_cpu_memory_usage and e.name != "measured_step"
-                    and window.start <= e.time_range.start <= window.end)
+    window, allocations = None, []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.name == "measured_step":
+            window = (e.start_time_ns, e.end_time_ns)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            allocations.append((e.start_time_ns, e.extra_fields.alloc_size))  # + allocated, - freed
+        stack.extend(e.children)
+    assert window is not None, "the profiler lost the measured_step range"
     running = peak = 0
-    for _, d in deltas:
-        running += d
-        peak = max(peak, running)
+    for t, size in sorted(allocations):
+        if window[0] <= t <= window[1]:
+            running += size
+            peak = max(peak, running)
     return base + peak
 
 
@@ -350,9 +362,11 @@ def bench_population(spec: Spec, solo: Contender, batches: list, args: argparse.
 
 
 def warm_child(args: argparse.Namespace, device: torch.device) -> None:
-    """In a second process: the first-call time of functrain's jit step for each model."""
+    """In a fresh process: the first-call time of functrain's jit step for each model (in --models)."""
     out = {}
     for spec in specs(args.tiny):
+        if spec.name not in args.models.split(","):
+            continue
         torch.manual_seed(0)
         batches = [tuple(t.to(device) for t in b) for b in spec.batches(2)]
         c = _functrain("functrain jit", spec.make().to(device), args.backend)
@@ -362,8 +376,9 @@ def warm_child(args: argparse.Namespace, device: torch.device) -> None:
     print("WARM_JSON " + json.dumps(out), flush=True)
 
 
-def warm_start(args: argparse.Namespace, cache_dir: str) -> dict[str, float] | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--warm-child", "--device", args.device]
+def _first_calls(args: argparse.Namespace, cache_dir: str) -> dict[str, float] | None:
+    """First-call compile seconds per model, in a fresh process whose inductor cache is ``cache_dir``."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--warm-child", "--device", args.device, "--models", args.models]
     if args.tiny:
         cmd.append("--tiny")
     if args.backend:
@@ -375,6 +390,20 @@ def warm_start(args: argparse.Namespace, cache_dir: str) -> dict[str, float] | N
             return json.loads(line[len("WARM_JSON "):])
     print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
     return None
+
+
+def warm_start(args: argparse.Namespace) -> dict[str, dict[str, float]] | None:
+    """Cold and warm start-up measured alike: two fresh processes, the second reusing the first's cache.
+
+    Each process pays the same one-off costs (imports, inductor's CPU-ISA probe) on its first
+    model, so the ratio compares compile work only with compile work.
+    """
+    cache_dir = tempfile.mkdtemp(prefix="functrain_bench_warm_")
+    cold = _first_calls(args, cache_dir)
+    warm = _first_calls(args, cache_dir) if cold else None
+    if not (cold and warm):
+        return None
+    return {m: {"cold_s": cold[m], "warm_s": warm[m], "ratio": warm[m] / cold[m]} for m in cold if m in warm}
 
 
 # -------------------------------------------------------------------------------------- report
@@ -395,8 +424,9 @@ def markdown(results: dict[str, Any]) -> str:
         "All contenders run in one process, interleaved round by round; ratios are medians of per-round ratios",
         "against the fastest imperative PyTorch loop of the same model (`best`), so machine noise cancels.",
         "Memory is the peak of live tensor bytes during one steady step (allocator level, not RSS: on CPU the",
-        "persistent tensors' bytes plus the running sum of `torch.profiler(profile_memory=True)` allocation",
-        "events; on CUDA `torch.cuda.max_memory_allocated`). Compile is the first call minus a steady step.",
+        "persistent tensors' bytes plus the peak running sum of every allocation and free that",
+        "`torch.profiler(profile_memory=True)` records, one event per allocator call; on CUDA",
+        "`torch.cuda.max_memory_allocated`). Compile is the first call minus a steady step.",
         "",
     ]
     for model, r in results["models"].items():
@@ -417,7 +447,8 @@ def markdown(results: dict[str, Any]) -> str:
     warm = results.get("warm_start")
     lines += ["## Compile start-up (functrain jit step)", ""]
     if warm:
-        lines += ["| model | cold s | warm s (second process) | warm / cold |", "|---|---:|---:|---:|"]
+        lines += ["| model | cold s (fresh process, empty cache) | warm s (fresh process, same cache) | warm / cold |",
+                  "|---|---:|---:|---:|"]
         for model, w in warm.items():
             lines.append(f"| {model} | {w['cold_s']:.1f} | {w['warm_s']:.1f} | {100 * w['ratio']:.0f} % |")
     else:
@@ -426,16 +457,38 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "How: inductor keeps its FX graph cache and AOT-autograd cache on disk (on by default) under",
         "`TORCHINDUCTOR_CACHE_DIR` (default `/tmp/torchinductor_$USER`). A second process that compiles the",
-        "same step with the same torch version and shapes skips inductor codegen and C++ compilation; Dynamo",
-        "still traces the Python step (that tracing is what remains of the warm time). Point",
-        "`TORCHINDUCTOR_CACHE_DIR` at persistent storage (or save/load a portable bundle with",
-        "`torch.compiler.save_cache_artifacts()` / `torch.compiler.load_cache_artifacts(blob)`) to warm-start",
-        "jobs on fresh machines.",
+        "same step with the same torch version and shapes hits both caches and skips code generation and C++",
+        "compilation. What remains of a warm start: Dynamo re-traces the Python step (1-2 s for the MLP),",
+        "inductor loads the cached kernels, and every new process probes the CPU's vector instructions by",
+        "compiling and loading a test library (about 1.5 s; `TORCHINDUCTOR_VEC_ISA_OK=1`, set in the cold",
+        "and the warm process alike since it is part of the cache key, skips the probe). Point",
+        "`TORCHINDUCTOR_CACHE_DIR` at persistent storage, or carry the cache to fresh machines with",
+        "`torch.compiler.save_cache_artifacts()` / `torch.compiler.load_cache_artifacts(blob)`.",
+        "",
+        "Skipping Dynamo's re-trace too (`torch.compile(...).aot_compile` + `save_compiled_function`) was",
+        "tried: it loads the MLP step in 9 % of the cold time, but on torch 2.13 it needs private hooks and",
+        "has to drop the guards it cannot serialize (function and module identity), so a changed loss or",
+        "model body behind the same names would silently reuse the old compiled step. functrain does not",
+        "ship it: a reproducible run must never run stale code.",
         "",
     ]
+    if results.get("shell"):
+        lines += [_shell_module().markdown_section(results["shell"]), ""]
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _shell_module() -> Any:
+    """benchmarks/bench_shell.py, imported by path (benchmarks/ is not a package)."""
+    import importlib.util
+
+    if "bench_shell" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_shell", os.path.join(ROOT, "benchmarks", "bench_shell.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_shell"] = module  # torch.compile looks traced functions' modules up by name
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules["bench_shell"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -449,6 +502,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; tiny: eager)")
     p.add_argument("--models", default="mlp,transformer,convbn")
     p.add_argument("--no-warm-start", action="store_true", help="skip the second-process warm compile")
+    p.add_argument("--no-shell", action="store_true",
+                   help="skip benchmarks/bench_shell.py (train() overhead, async checkpoint blocking)")
     p.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny and args.backend is None:
@@ -476,14 +531,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["models"][spec.name] = bench_model(spec, args, device)
     results["warm_start"] = None
     if not args.no_warm_start and (args.backend or "inductor") == "inductor":
-        print(f"[{time.time() - t0:6.1f}s] warm start (second process)", flush=True)
-        warm = warm_start(args, cache_dir)
-        if warm:
-            results["warm_start"] = {
-                m: {"cold_s": results["models"][m]["contenders"]["functrain jit"]["compile_s"], "warm_s": w,
-                    "ratio": w / results["models"][m]["contenders"]["functrain jit"]["compile_s"]}
-                for m, w in warm.items() if m in results["models"]
-            }
+        print(f"[{time.time() - t0:6.1f}s] cold and warm start (two fresh processes)", flush=True)
+        results["warm_start"] = warm_start(args)
+    if not args.no_shell and not args.tiny:  # the tiny shell run has its own smoke test
+        print(f"[{time.time() - t0:6.1f}s] shell overhead (benchmarks/bench_shell.py)", flush=True)
+        shell_json = os.path.join(os.path.dirname(os.path.abspath(args.json)), "shell_results.json")
+        results["shell"] = _shell_module().main(["--json", shell_json])
     results["meta"]["total_s"] = time.time() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

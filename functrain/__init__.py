@@ -19,8 +19,10 @@ from functrain.checkpoint import (
     TargetMismatchError,
     from_bytes,
     load,
+    load_sharded,
     read_header,
     save,
+    save_sharded,
     to_bytes,
     tree_digest,
     verify,
@@ -31,6 +33,7 @@ from functrain.core.compose import compose, repeat
 from functrain.core.donate import donate, is_donated, jit_donated
 from functrain.core.jit import jit
 from functrain.core.population import lr_scale, population_step, set_lr_scale, stack_states, unstack_state
+from functrain.core.sharding import is_sharded, shard_state, unshard
 from functrain.core.state import LossScale, Tracker, TrainState, state_dict
 from functrain.core.step import Step, batch_size, eval_results, make_eval_step, make_train_step, reset_eval
 from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_step, predict, train
@@ -42,6 +45,11 @@ __all__ = [
     "is_donated",
     "jit_donated",
     "lr_scale",
+    "is_sharded",
+    "shard_state",
+    "unshard",
+    "save_sharded",
+    "load_sharded",
     "population_step",
     "set_lr_scale",
     "stack_states",

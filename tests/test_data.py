@@ -120,3 +120,15 @@ def test_fingerprint_ignores_world_size_but_not_global_batch():
     a = Loader(_dataset(24), batch_size=4, world_size=2, rank=1).fingerprint()
     assert a == Loader(_dataset(24), batch_size=8).fingerprint()
     assert a != Loader(_dataset(24), batch_size=4).fingerprint()
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (13, 2), (2, 4)])
+def test_shards_of_all_ranks_partition_the_dataset_in_order(n, world):
+    data = torch.utils.data.TensorDataset(torch.arange(n))
+    seen = []
+    for rank in range(world):
+        loader = Loader(data, batch_size=3, shuffle=True, drop_last=False, rank=rank, world_size=world)
+        mine = [int(i) for (b,) in loader.shard() for i in b]
+        assert all(len(b) <= 3 for (b,) in loader.shard())
+        seen += mine
+    assert seen == list(range(n))  # each sample once, in dataset order, shares contiguous

@@ -1,6 +1,8 @@
 """train() under torchrun: process group, rank-0 checkpoints, agreed signals, resuming on another world size.
 
-The multi-process tests launch tests/scripts/dist_tiny.py with
+The multi-process tests launch tests/scripts/dist_tiny.py (a replicated state) and
+tests/scripts/sharded_train.py (a sharded state: DTensor params and optimizer state,
+checkpointed as torch.distributed.checkpoint directories) with
 ``python -m torch.distributed.run --standalone --nproc_per_node=2`` (gloo on CPU).
 """
 
@@ -15,28 +17,31 @@ import time
 import pytest
 import torch
 
-from functrain.checkpoint import CheckpointManager
+from functrain.checkpoint import CheckpointManager, is_sharded_checkpoint
+from functrain.checkpoint.manager import checkpoint_name
 from functrain.data import Loader
 from functrain.shell import distributed as dist
 from functrain.shell.train import saved_world_size, world_change_message
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dist_tiny.py")
+SHARDED_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "sharded_train.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cmd(nproc, directory, *args):
+def _cmd(nproc, directory, *args, script=SCRIPT):
     if nproc == 1:
-        return [sys.executable, SCRIPT, str(directory), *args]
+        return [sys.executable, script, str(directory), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            SCRIPT, str(directory), *args]
+            script, str(directory), *args]
 
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
-def _run(nproc, directory, *args):
-    proc = subprocess.run(_cmd(nproc, directory, *args), capture_output=True, text=True, env=_env(), timeout=300)
+def _run(nproc, directory, *args, script=SCRIPT):
+    proc = subprocess.run(_cmd(nproc, directory, *args, script=script), capture_output=True, text=True, env=_env(),
+                          timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -117,18 +122,24 @@ def _wait_for(path, predicate, proc, seconds=120):
     raise AssertionError(f"timed out waiting for {path}")
 
 
+def _sigterm_rank_1(cmd, directory, at):
+    """Run ``cmd`` (2 ranks); SIGTERM rank 1 alone once it passed micro-step ``at``; check both ranks
+    stopped with 128 + SIGTERM at the same micro-step >= ``at``; return their exit records."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(directory / "progress-1", lambda t: int(t) >= at, proc)
+    os.kill(int(_read(directory / "pid-1")), signal.SIGTERM)  # rank 1 only
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-4000:]
+    exits = [json.loads(_read(directory / f"exit-{r}.json")) for r in range(2)]
+    assert [e["code"] for e in exits] == [128 + signal.SIGTERM] * 2, out[-4000:]
+    assert exits[0]["micro"] == exits[1]["micro"] >= at
+    return exits
+
+
 @pytest.mark.slow
 def test_sigterm_to_rank_1_stops_both_ranks_at_one_committed_step_and_resume_is_bitwise(baseline, tmp_path):
     at = random.Random(os.getpid()).randrange(2, 17)  # micro-steps run to 24; the signal may land in evaluation
-    proc = subprocess.Popen(_cmd(2, tmp_path, "signal", "sleep=0.1"), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    _wait_for(tmp_path / "progress-1", lambda t: int(t) >= at, proc)
-    os.kill(int(_read(tmp_path / "pid-1")), signal.SIGTERM)  # rank 1 only
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, out[-4000:]
-    exits = [json.loads(_read(tmp_path / f"exit-{r}.json")) for r in range(2)]
-    assert [e["code"] for e in exits] == [128 + signal.SIGTERM] * 2, out[-4000:]
-    assert exits[0]["micro"] == exits[1]["micro"] >= at
+    exits = _sigterm_rank_1(_cmd(2, tmp_path, "signal", "sleep=0.1"), tmp_path, at)
     with CheckpointManager(tmp_path / "checkpoints") as manager:
         assert manager.latest_step() == exits[0]["micro"]  # committed before either rank exited
         assert int(manager.restore()["micro_step"]) == exits[0]["micro"]
@@ -174,3 +185,90 @@ def test_resume_on_another_world_size_continues_from_the_global_sample(tmp_path,
         for r in range(world):  # train() leaves a group the script made, and tears down the one it made itself
             group = json.loads(_read(tmp_path / f"group-w{world}-r{r}.json"))
             assert group == {"user_group": made_by_script, "after": made_by_script}
+
+
+# ------------------------------------------------------------------ torchrun, 2 ranks, a sharded state
+def _sharded(nproc, directory, tag, *args):
+    """Run sharded_train.py; return rank 0's record (digests of the first step's input and of the final state)."""
+    code, out = _run(nproc, directory, tag, *args, script=SHARDED_SCRIPT)
+    assert code == 0, out[-4000:]
+    return json.loads(_read(directory / f"{tag}.json")), out
+
+
+def _listing(directory):
+    return sorted(os.listdir(directory / "checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """2 sharded ranks trained to step 10 at once; and to step 6 (checkpoints every 2, async manager: a sharded
+    save is synchronous anyway), then resumed to 10 on 2 ranks and, from a copy of the folder, in one process."""
+    import shutil  # noqa: PLC0415
+
+    whole, cut = tmp_path_factory.mktemp("sharded-whole"), tmp_path_factory.mktemp("sharded-cut")
+    runs = {"whole": _sharded(2, whole, "whole", "steps=10")[0]}
+    runs["cut"], out = _sharded(2, cut, "cut", "steps=6", "async=1")
+    assert "functrain: started fresh" in out
+    listing = _listing(cut)
+    alone = tmp_path_factory.mktemp("sharded-alone") / "run"
+    shutil.copytree(cut, alone)
+    runs["resumed"], out = _sharded(2, cut, "resumed", "steps=10", "async=1")
+    assert "functrain: resumed" in out and "resuming a" not in out, out[-4000:]
+    runs["alone"], alone_out = _sharded(1, alone, "alone", "steps=10")
+    return runs, {"cut": listing, "resumed": _listing(cut), "alone": _listing(alone)}, cut, (alone, alone_out)
+
+
+@pytest.mark.slow
+def test_sharded_train_stopped_and_resumed_on_two_ranks_is_bitwise_the_uninterrupted_run(sharded_runs):
+    runs, _, _, _ = sharded_runs
+    assert runs["whole"]["first_sharded"] and runs["whole"]["final_sharded"] and runs["resumed"]["first_sharded"]
+    assert runs["resumed"]["first"] == runs["cut"]["final"]  # restored bitwise: the state saved at step 6
+    assert runs["resumed"]["first"] != runs["whole"]["first"]  # (it did resume, not start again)
+    assert runs["resumed"]["final"] == runs["whole"]["final"]
+
+
+@pytest.mark.slow
+def test_two_rank_sharded_checkpoint_resumes_in_one_process_with_the_world_size_warning(sharded_runs):
+    runs, listings, _, (_, out) = sharded_runs
+    assert not runs["alone"]["first_sharded"]  # a plain state in one process
+    assert runs["alone"]["first"] == runs["cut"]["final"]  # the 2-rank shards, resharded bitwise into one state
+    assert "resuming a 2-rank run on 1 rank(s)" in out, out[-4000:]
+    assert runs["alone"]["final"] != runs["cut"]["final"]  # it trained on to step 10
+    # its own checkpoints are msgpack files (a plain state); the 2-rank directories were retired by keep_last=2
+    assert listings["alone"] == ["index.json", checkpoint_name(8), checkpoint_name(10)]
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_are_directories_kept_by_retention_without_leftovers(sharded_runs):
+    _, listings, cut, _ = sharded_runs
+    assert listings["cut"] == ["index.json", checkpoint_name(4, "dcp"), checkpoint_name(6, "dcp")]
+    assert listings["resumed"] == ["index.json", checkpoint_name(8, "dcp"), checkpoint_name(10, "dcp")]
+    step_dir = cut / "checkpoints" / checkpoint_name(10, "dcp")
+    assert is_sharded_checkpoint(step_dir) and saved_world_size(str(step_dir)) == 2
+    index = json.loads(_read(cut / "checkpoints" / "index.json"))
+    assert sorted(index["checkpoints"]) == ["10", "8"] and index["checkpoints"]["10"]["kind"] == "dcp"
+    with CheckpointManager(cut / "checkpoints") as manager:
+        assert manager.latest_step() == 10 and manager.kind_of(10) == "dcp"
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_1_saves_every_rank_s_shards_and_the_sharded_resume_is_bitwise(sharded_runs, tmp_path):
+    runs, _, _, _ = sharded_runs
+    at = random.Random(os.getpid()).randrange(1, 7)  # steps run to 10; the signal may land in an evaluation
+    exits = _sigterm_rank_1(_cmd(2, tmp_path, "signalled", "steps=10", "sleep=0.2", script=SHARDED_SCRIPT),
+                            tmp_path, at)
+    with CheckpointManager(tmp_path / "checkpoints") as manager:
+        assert manager.latest_step() == exits[0]["micro"] and manager.kind_of(exits[0]["micro"]) == "dcp"
+    assert not [n for n in _listing(tmp_path) if n.endswith(".partial")]
+    resumed, out = _sharded(2, tmp_path, "after-signal", "steps=10")
+    assert "functrain: resumed" in out
+    assert resumed["final"] == runs["whole"]["final"], f"signalled at {at}"
+
+
+@pytest.mark.slow
+def test_msgpack_checkpoint_of_a_plain_run_resumes_into_a_sharded_state(sharded_runs):
+    runs, _, _, (alone, _) = sharded_runs  # the one-process run left msgpack files of step 8 and 10
+    record, out = _sharded(2, alone, "sharded-again", "steps=12")
+    assert record["first_sharded"] and record["first"] == runs["alone"]["final"]  # read whole, sharded: bitwise
+    assert "resuming a 1-rank run on 2 rank(s)" in out, out[-4000:]
+    assert _listing(alone) == ["index.json", checkpoint_name(10), checkpoint_name(12, "dcp")]

@@ -422,3 +422,53 @@ def test_compiled_adamw_clip_schedule_matches_eager_and_compiles_once():
         torch.testing.assert_close(comp_p[k], eager_p[k], rtol=1e-12, atol=0)
         assert not torch.equal(comp_p[k], params[k])
     torch.testing.assert_close(comp_s[0].grad_norm, eager_s[0].grad_norm, rtol=1e-12, atol=0)
+
+
+def test_computed_once_is_the_identity_in_eager_mode():
+    from functrain.optim import _tree
+
+    x = torch.tensor(-0.25, dtype=torch.float64)
+    assert _tree.computed_once(x) is x
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant_lr", "cosine_schedule"])
+def test_compiled_adamw_computes_its_scalars_once_not_per_element_and_bitwise_the_same(monkeypatch, schedule):
+    # Inductor inlines 0-d math into every element loop: the bias corrections' pow (and a
+    # schedule's cos) ran once per 16 floats of every param. computed_once hoists them out
+    # without changing a bit of the result.
+    from torch._inductor.utils import run_and_get_code
+
+    from functrain.optim import _tree
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {f"w{i}": (64, 48) for i in range(3)}
+    params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    lr = optim.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20) if schedule else 1e-2
+    tx = optim.adamw(lr, weight_decay=0.1)
+    state = tx.init(params)
+    state = state._replace(count=torch.tensor(5))
+
+    def step(p, s, g):
+        return optim.apply_gradients(tx, g, s, p)
+
+    def compiled_code():
+        torch._dynamo.reset()
+        out, code = run_and_get_code(torch.compile(step, backend="inductor", fullgraph=True), params, state, grads)
+        return out, "\n".join(code)
+
+    hoisted, code = compiled_code()
+    monkeypatch.setattr(_tree, "computed_once", lambda x: x)
+    inlined, code_inlined = compiled_code()
+    torch._dynamo.reset()
+    assert code.count("std::pow") <= 3  # pow(b1, t), pow(b2, t), pow(bc2, 0.5): once each
+    if not schedule:  # the old code: in each param's loop (a schedule's long chain inductor realizes itself)
+        assert code_inlined.count("std::pow") >= 3 * len(params)
+    leaves_h, spec_h = torch.utils._pytree.tree_flatten(hoisted)
+    leaves_i, spec_i = torch.utils._pytree.tree_flatten(inlined)
+    assert spec_h == spec_i
+    assert all(torch.equal(a, b) for a, b in zip(leaves_h, leaves_i) if a is not None)
+    eager = step(params, state, grads)
+    for k in params:
+        torch.testing.assert_close(hoisted[0][k], eager[0][k], rtol=1e-5, atol=1e-7)  # float32 fusion: ~1 ulp

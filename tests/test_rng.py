@@ -34,3 +34,25 @@ def test_bad_key_is_refused_with_a_hint():
 
     with pytest.raises(TypeError, match="functrain.random.key"):
         rng.seed_of(torch.zeros(3))
+
+
+def test_seeded_seeds_only_the_forked_generator_and_restores_it_on_error(monkeypatch):
+    # torch.manual_seed also visits every accelerator backend (CUDA, XPU, MTIA...: ~150 us
+    # a call, paid by every train step); seeded must not go through it.
+    import pytest
+
+    def forbidden(seed):
+        raise AssertionError("seeded must not call torch.manual_seed")
+
+    monkeypatch.setattr(torch, "manual_seed", forbidden)
+    k = rng.key(11)
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(rng.seed_of(k, rank=2)))
+    before = torch.get_rng_state()
+    with rng.seeded(k, rank=2, device="cpu"):
+        assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(ValueError, match="boom"):
+        with rng.seeded(k):
+            torch.rand(3)
+            raise ValueError("boom")
+    assert torch.equal(torch.get_rng_state(), before)

@@ -1,9 +1,11 @@
 """functrain.train: loop modes, evaluation, results, checkpoints, resume, pretrained, signals, logging."""
 
+import importlib
 import json
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from functrain.checkpoint import tree_digest
 from functrain.data import Loader
 from functrain.shell import Interrupted, TrainConfig, evaluate, make_predict_step, predict, train
 
+train_module = importlib.import_module("functrain.shell.train")
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers.tiny import MLP, dataset, setup  # noqa: E402
 
@@ -207,3 +210,95 @@ def test_config_with_fields_from_text_runs():
         k: getattr(config, k) for k in ("step", "data", "eval_step", "eval_data", "score", "hparams", "progress",
                                         "tensorboard", "log_every")})
     assert int(train(state, config).step) == 3
+
+
+# ------------------------------------------------------------- host counters and async checkpoints
+def _count_device_reads(monkeypatch):
+    """Count int()/float()/bool()/item() of tensors (each one a device sync on CUDA)."""
+    counts = [0]
+    for name in ("__int__", "__float__", "__bool__", "__index__", "item"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, **k):
+            counts[0] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return counts
+
+
+def test_the_loop_reads_device_values_per_log_not_per_micro_step(monkeypatch):
+    state, config = setup(accumulate=2, steps=40, eval_every=None, eval_step=None, eval_data=None, score=None,
+                          log_every=20)
+    counts = _count_device_reads(monkeypatch)
+    out = train(state, config)
+    reads = counts[0]
+    monkeypatch.undo()
+    assert int(out.step) == 40 and int(out.micro_step) == 80
+    # learning the accumulation period reads state.step a few times; then only logs and the end read the state
+    assert reads < 40, f"{reads} reads of device values for 80 micro-steps"
+
+
+def test_a_step_that_breaks_its_counting_pattern_is_refused_with_a_clear_error():
+    state, config = setup(steps=12, eval_every=100, log_every=1)
+    inner = config.step
+
+    def stalls_at_call_5(s, batch):
+        new = inner(s, batch)
+        return new.replace(step=s.step) if int(s.micro_step) == 4 else new
+
+    with pytest.raises(train_module.CounterMismatchError, match="state.step by 1 per call"):
+        train(state, config.replace(step=stalls_at_call_5))
+
+
+def test_an_irregular_step_is_read_after_every_call_and_behaves_as_before():
+    state, config = setup(steps=10, eval_every=4, log_every=2)
+    inner = config.step
+
+    def double(s, batch):  # advances state.step by 2 per call: no pattern to predict
+        new = inner(s, batch)
+        return new.replace(step=new.step + 1)
+
+    out = train(state, config.replace(step=double))
+    assert (int(out.step), int(out.micro_step)) == (10, 5)
+
+
+@pytest.mark.compile
+def test_donated_step_with_async_checkpoints_saves_the_state_of_the_save_step(tmp_path, monkeypatch):
+    from functrain.checkpoint import load
+    from functrain.checkpoint import manager as manager_module
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ft.optim.adamw(0.05)
+    state = ft.TrainState.create(model, opt, seed=1)
+    donated = ft.donate(ft.make_train_step(model, lambda f, b: torch.nn.functional.cross_entropy(f(b[0]), b[1]),
+                                           opt))
+    calls, digests = [0], {}
+
+    def step(s, batch):
+        new = donated(s, batch)
+        calls[0] += 1
+        digests[calls[0]] = {f: tree_digest(getattr(new, f)) for f in ("params", "buffers", "opt_state")}
+        return new
+
+    real_save = manager_module.save
+
+    def late_save(path, tree, *check):  # the writer starts only after the next donated step has run
+        micro = int(os.path.basename(path).split("-")[1].split(".")[0])
+        deadline = time.monotonic() + 20
+        while micro < 6 and calls[0] <= micro and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return real_save(path, tree, *check)
+
+    monkeypatch.setattr(manager_module, "save", late_save)
+    config = TrainConfig(steps=6, step=step, data=Loader(dataset(96, 0), batch_size=8, seed=3), progress=False,
+                         tensorboard=False, log_every=0, checkpoint_dir=str(tmp_path), checkpoint_every=2,
+                         keep_last=10, async_checkpoint=True)
+    out = train(state, config)
+    assert int(out.step) == 6 and calls[0] == 6
+    for micro in (2, 4, 6):
+        plain = load(tmp_path / "checkpoints" / f"step-{micro:08d}.msgpack")
+        assert int(plain["step"]) == micro
+        for f in ("params", "buffers", "opt_state"):
+            assert tree_digest(plain[f]) == digests[micro][f], (micro, f)

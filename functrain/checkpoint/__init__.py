@@ -18,9 +18,11 @@ from functrain.checkpoint.errors import (
 from functrain.checkpoint.files import load, read_header, read_tree_info, save, verify
 from functrain.checkpoint.format import ArrayInfo, Header, decode_msgpack, from_bytes, to_bytes, tree_digest
 from functrain.checkpoint.manager import CheckpointManager, host_copy
+from functrain.checkpoint.sharded import is_sharded_checkpoint, load_sharded, save_sharded
 
 __all__ = [
     "to_bytes", "from_bytes", "tree_digest", "save", "load", "read_header", "verify", "read_tree_info",
     "decode_msgpack", "CheckpointManager", "host_copy", "Header", "ArrayInfo", "CheckpointError",
     "TargetMismatchError", "CheckpointSaveError", "LoadReport", "PartialLoadWarning",
+    "save_sharded", "load_sharded", "is_sharded_checkpoint",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from functrain.checkpoint.errors import CheckpointError, CheckpointSaveError
@@ -55,12 +56,14 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save(path: str | os.PathLike[str], tree: Any) -> str:
+def save(path: str | os.PathLike[str], tree: Any, before_commit: Callable[[], None] | None = None) -> str:
     """Write ``tree`` to ``path`` atomically and durably; return its digest (hex sha256 of the body).
 
     Peak extra memory is about one array (the host copy of a device or strided tensor).
     An ``OSError`` while writing (disk full, permission) raises :class:`CheckpointSaveError`
-    and leaves any previous file at ``path`` untouched.
+    and leaves any previous file at ``path`` untouched. ``before_commit`` (if given) is called
+    once the temporary file is complete and fsynced, just before the rename; if it raises,
+    nothing is committed (the temporary file is removed) and its error propagates.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -74,6 +77,8 @@ def save(path: str | os.PathLike[str], tree: Any) -> str:
             f.write(pack_header(sink.size, sink.sha256.digest()))
             f.flush()
             os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(tmp, path)
     except BaseException as e:
         try:

@@ -3,6 +3,13 @@
 Files are ``step-00001200.msgpack`` (the step zero-padded to 8 digits, more when larger).
 A checkpoint is *committed* once its file has its final name: :func:`~functrain.checkpoint.save`
 renames it there only when complete, so the folder listing is the list of commits.
+
+A sharded state (DTensor params and optimizer state, :func:`functrain.shard_state`) is
+saved as a directory ``step-00001200.dcp`` by :func:`~functrain.checkpoint.save_sharded`
+(torch.distributed.checkpoint; every rank writes its shards, so every rank calls
+:meth:`CheckpointManager.save`), and restored into a target of any layout and world size
+by :meth:`CheckpointManager.restore`. Such a directory is committed once it is renamed
+from ``step-00001200.dcp.partial`` with its metadata in it; ``format=`` chooses the kind.
 ``index.json`` (written atomically) records each step's metrics and digest; it is
 metadata, never needed to read a checkpoint.
 
@@ -28,8 +35,10 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -37,18 +46,41 @@ import torch
 
 from functrain.checkpoint.errors import CheckpointError, CheckpointSaveError, TargetMismatchError
 from functrain.checkpoint.files import TEMP_MARK, fsync_dir, load, save
+from functrain.checkpoint.sharded import is_sharded_checkpoint, load_sharded, save_sharded
 from functrain.checkpoint.tree import node_of
 
-__all__ = ["CheckpointManager", "host_copy", "checkpoint_name"]
+__all__ = ["CheckpointManager", "CheckpointMutatedError", "Snapshot", "host_copy", "snapshot", "checkpoint_name"]
 
 INDEX_NAME = "index.json"
+FORMATS = ("auto", "msgpack", "dcp")
 _STEP_FILE = re.compile(r"^step-(\d{8,})\.msgpack$")
+_STEP_DIR = re.compile(r"^step-(\d{8,})\.dcp$")
 _TEMP_FILE = re.compile(r"^(step-\d{8,}\.msgpack|" + re.escape(INDEX_NAME) + ")" + re.escape(TEMP_MARK))
+_TEMP_DIR = re.compile(r"^(step-\d{8,}\.dcp)\.(partial|trash|old)$")  # a killed sharded save or deletion
 
 
-def checkpoint_name(step: int) -> str:
-    """``1200`` -> ``"step-00001200.msgpack"``."""
-    return f"step-{int(step):08d}.msgpack"
+def checkpoint_name(step: int, kind: Literal["msgpack", "dcp"] = "msgpack") -> str:
+    """``1200`` -> ``"step-00001200.msgpack"`` (``kind="dcp"``: the directory ``"step-00001200.dcp"``)."""
+    if kind not in ("msgpack", "dcp"):
+        raise ValueError(f"kind must be 'msgpack' or 'dcp', got {kind!r}")
+    return f"step-{int(step):08d}.{kind}"
+
+
+def _primary() -> bool:
+    """Whether this process is rank 0 of the default process group (or there is no group)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a checkpoint directory: renamed out of the listing first (atomic), then removed."""
+    trash = path + ".trash"
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def host_copy(tree: Any) -> Any:
@@ -65,6 +97,92 @@ def host_copy(tree: Any) -> Any:
         return content
 
     return copy(tree, ())
+
+
+class CheckpointMutatedError(RuntimeError):
+    """A tensor was changed in place while a background save (``copy=False``) was reading it; nothing was committed."""
+
+
+class Snapshot:
+    """What a background save writes: ``tree`` as plain containers, and how to check it is still valid.
+
+    Built on the caller's thread by :func:`snapshot`. Tensors are either the caller's own
+    (no copy; their version counters are recorded to detect in-place changes) or host copies
+    (a device tensor's copy may still be in flight: :meth:`ready` waits for it).
+    """
+
+    def __init__(self, tree: Any, shared: list[tuple[str, torch.Tensor, int]], events: list[Any]) -> None:
+        self.tree, self.shared, self.events = tree, shared, events
+
+    @property
+    def copied(self) -> bool:
+        """True when no tensor of the caller's is shared with the writer."""
+        return not self.shared
+
+    def ready(self) -> None:
+        """Wait for the device-to-host copies enqueued by :func:`snapshot` (background thread)."""
+        for event in self.events:
+            event.synchronize()
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CheckpointMutatedError` if a shared tensor was changed in place since the snapshot."""
+        changed = [name for name, t, version in self.shared if t._version != version]
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise CheckpointMutatedError(
+                f"{shown} changed in place while the background save was writing them, so the file would mix "
+                "old and new values; nothing was committed. Save with copy=True when the state's tensors are "
+                "modified after save() returns (a donated step, an in-place update), or call wait() before "
+                "modifying them."
+            )
+
+
+def _copy_to_host(t: torch.Tensor, events: dict[str, Any]) -> torch.Tensor:
+    """A contiguous CPU copy of ``t``; from CUDA, an asynchronous copy into pinned memory (see ``events``)."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.to(memory_format=torch.contiguous_format, copy=True)
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        if t.device.index not in events:
+            events[t.device.index] = None  # recorded after the last copy from this device
+        return host
+    return t.to("cpu", memory_format=torch.contiguous_format)
+
+
+def snapshot(tree: Any, copy: bool | None = None) -> Snapshot:
+    """``tree`` as plain containers for a background writer, copying as little as is safe.
+
+    ``copy=True``: every tensor is copied to host memory (device tensors asynchronously into
+    pinned memory; the writer waits for them). ``copy=False``: no tensor is copied; a
+    device tensor is read by the writer thread. ``copy=None`` (auto): device tensors are
+    copied, CPU tensors are not. Shared tensors must not be changed in place until the save
+    is committed; version counters detect (best effort) a change, see :class:`Snapshot`.
+    """
+    shared: list[tuple[str, torch.Tensor, int]] = []
+    pending: dict[Any, Any] = {}
+
+    def walk(x: Any, path: tuple[Any, ...]) -> Any:
+        kind, content = node_of(x, path)
+        if kind == "tensor":
+            if copy or (copy is None and content.device.type != "cpu"):
+                return _copy_to_host(content, pending)
+            shared.append(("/".join(map(str, path)) or "<root>", content, content._version))
+            return content
+        if kind == "seq":
+            return [walk(v, path + (i,)) for i, v in enumerate(content)]
+        if kind == "map":
+            return {k: walk(v, path + (k,)) for k, v in content}
+        return content
+
+    plain = walk(tree, ())
+    events = []
+    for index in pending:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(index))
+        events.append(event)
+    return Snapshot(plain, shared, events)
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
@@ -94,9 +212,26 @@ class CheckpointManager:
         keep_best: how many of the best checkpoints by ``best_metric`` to keep as well.
         best_metric: the key in ``metrics`` that ranks checkpoints, or None.
         mode: ``"min"`` (lower is better) or ``"max"``; explicit, whatever the metric's name.
-        async_save: copy the state to host memory in ``save`` and write it in a background
-            thread; one save in flight (a second ``save`` waits for the first); errors of a
-            background save are raised by the next call to ``save``, ``wait``, ``restore`` or ``close``.
+        async_save: write in a background thread; ``save`` returns at once, after copying to
+            host memory only what must be (device tensors; everything with ``copy=True``; see
+            :meth:`save` for the contract on CPU tensors). One save in flight (a second ``save``
+            waits for the first); errors of a background save are raised by the next call to
+            ``save``, ``wait``, ``restore`` or ``close``. A sharded (``"dcp"``) save is always
+            synchronous: it is a collective of every rank, which cannot run on a background thread
+            next to the training collectives.
+        format: the kind of checkpoint :meth:`save` writes. ``"auto"`` (default): a directory
+            ``step-N.dcp`` (:func:`~functrain.checkpoint.save_sharded`) for a state holding
+            DTensors (:func:`functrain.is_sharded`), one ``step-N.msgpack`` file otherwise.
+            ``"dcp"``: always the directory (a plain state is saved as replicated tensors;
+            useful to write checkpoints that a sharded run resumes from). ``"msgpack"``: always one
+            file (a sharded state is refused: unshard it first). Listing and restoring read both
+            kinds whatever ``format`` is.
+
+    Sharded checkpoints and several ranks: ``save`` of a ``"dcp"`` checkpoint and ``restore``
+    of one are collectives, so every rank calls them, with the folder on a filesystem all ranks
+    share; rank 0 alone writes ``index.json``, deletes retired checkpoints and, on construction,
+    clears directories left by a killed save. A msgpack save writes and retires from whichever
+    process calls it (``train`` calls it on rank 0 only).
     """
 
     def __init__(
@@ -107,6 +242,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         mode: Literal["min", "max"] = "min",
         async_save: bool = False,
+        format: Literal["auto", "msgpack", "dcp"] = "auto",
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1 (got {keep_last}): a manager never deletes its last commit")
@@ -114,6 +250,9 @@ class CheckpointManager:
             raise ValueError(f"keep_best must be >= 0, got {keep_best}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self.format = format
         self.directory = os.fspath(directory)
         self.keep_last, self.keep_best = keep_last, keep_best
         self.best_metric, self.mode = best_metric, mode
@@ -128,16 +267,39 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ listing
     def path_of(self, step: int) -> str:
-        """The file path of ``step``'s checkpoint (whether or not it exists)."""
+        """The path of ``step``'s checkpoint: its ``.dcp`` directory when that is committed, else its ``.msgpack`` file.
+
+        The file path is returned whether or not it exists.
+        """
+        directory = self._dir_of(step)
+        return directory if is_sharded_checkpoint(directory) else self._file_of(step)
+
+    def kind_of(self, step: int) -> Literal["msgpack", "dcp"] | None:
+        """``"dcp"`` (a committed sharded directory), ``"msgpack"`` (a committed file) or None for ``step``."""
+        if is_sharded_checkpoint(self._dir_of(step)):
+            return "dcp"
+        return "msgpack" if os.path.isfile(self._file_of(step)) else None
+
+    def _file_of(self, step: int) -> str:
         return os.path.join(self.directory, checkpoint_name(step))
 
+    def _dir_of(self, step: int) -> str:
+        return os.path.join(self.directory, checkpoint_name(step, "dcp"))
+
     def all_steps(self) -> list[int]:
-        """The committed steps, ascending (files with their final name; temporary files are ignored)."""
-        steps = []
+        """The committed steps, ascending: files with their final name and complete ``.dcp`` directories.
+
+        Temporary files and the ``.partial`` directories of unfinished sharded saves are ignored.
+        """
+        steps = set()
         for name in os.listdir(self.directory):
             m = _STEP_FILE.match(name)
             if m:
-                steps.append(int(m.group(1)))
+                steps.add(int(m.group(1)))
+                continue
+            m = _STEP_DIR.match(name)
+            if m and is_sharded_checkpoint(os.path.join(self.directory, name)):
+                steps.add(int(m.group(1)))
         return sorted(steps)
 
     def latest_step(self) -> int | None:
@@ -166,11 +328,31 @@ class CheckpointManager:
         return [s for _, s in sorted(scored)]  # ties: the earlier step first
 
     # ------------------------------------------------------------------ saving
-    def save(self, state: Any, step: int | None = None, metrics: dict[str, Any] | None = None) -> int:
+    def save(self, state: Any, step: int | None = None, metrics: dict[str, Any] | None = None, *,
+             copy: bool | None = None) -> int:
         """Save ``state`` as ``step`` (default: ``int(state.step)``) with ``metrics``; return the step.
 
-        Synchronous: returns once the checkpoint is committed and old ones are retired.
-        Async: returns once the state is copied to host memory.
+        Synchronous: returns once the checkpoint is committed and old ones are retired
+        (``copy`` is ignored). Async: returns once the background write is submitted; what it
+        copies first is ``copy``'s choice:
+
+        - ``copy=None`` (default): device tensors are copied to host memory (asynchronously,
+          into pinned memory on CUDA); CPU tensors are not copied: the writer reads the
+          caller's tensors. The contract: do not change them in place until the save is
+          committed (the next ``save``, ``wait`` or ``close`` returns). A pure
+          :class:`~functrain.TrainState` is never changed by functrain (steps return new
+          tensors), so a training loop keeps this contract; an in-place change is detected
+          (best effort, by tensor version counters) and fails the save with
+          :class:`CheckpointMutatedError` instead of committing a mixed file.
+        - ``copy=True``: every tensor is copied before ``save`` returns: the state may be
+          changed right afterwards (a donated step, ``.add_()``); ``train()`` does this when
+          its step donates.
+        - ``copy=False``: nothing is copied, device tensors included (they are read by the
+          writer thread, and stay alive until the save is committed).
+
+        A sharded checkpoint (see ``format``) is a collective: every rank calls ``save`` with
+        its own shards, and it returns on every rank once the directory is committed (and, on
+        rank 0, old checkpoints are retired); it is synchronous even when ``async_save`` is set.
         """
         self._check_open()
         self._drain()
@@ -182,29 +364,62 @@ class CheckpointManager:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         clean = {str(k): float(v) for k, v in (metrics or {}).items()}
-        if self._executor is None:
+        if self._sharded_format(state):
+            save_sharded(self._dir_of(step), state)
+            self._record(step, {"metrics": clean, "kind": "dcp"}, writer=_primary())
+            if os.path.exists(self._file_of(step)) and _primary():
+                os.unlink(self._file_of(step))  # the directory now holds this step: no stale file beside it
+        elif self._executor is None:
             self._commit(state, step, clean)
         else:
-            self._pending = self._executor.submit(self._commit, host_copy(state), step, clean)
+            self._pending = self._executor.submit(self._commit_snapshot, snapshot(state, copy), step, clean)
         return step
 
-    def _commit(self, tree: Any, step: int, metrics: dict[str, float]) -> None:
-        digest = save(self.path_of(step), tree)
+    def _commit_snapshot(self, snap: Snapshot, step: int, metrics: dict[str, float]) -> None:
+        snap.ready()
+        self._commit(snap.tree, step, metrics, None if snap.copied else snap.check_unchanged)
+
+    def _sharded_format(self, state: Any) -> bool:
+        """Whether ``save`` writes ``state`` as a sharded directory (by ``format``; see the class docs)."""
+        from functrain.core.sharding import is_sharded
+
+        sharded = is_sharded(state)
+        if self.format == "msgpack" and sharded:
+            raise ValueError(
+                f"the CheckpointManager of {self.directory} has format='msgpack' but the state holds DTensors "
+                "(a sharded state); use format='auto' or 'dcp' (a sharded directory), or save "
+                "functrain.unshard(state) (called on every rank) from rank 0"
+            )
+        return self.format == "dcp" or sharded
+
+    def _commit(self, tree: Any, step: int, metrics: dict[str, float],
+                check: Callable[[], None] | None = None) -> None:
+        path = self._file_of(step)
+        digest = save(path, tree) if check is None else save(path, tree, check)
+        self._record(step, {"digest": digest, "metrics": metrics}, writer=True)
+        if os.path.isdir(self._dir_of(step)):
+            _remove_tree(self._dir_of(step))  # the file now holds this step: no stale directory beside it
+
+    def _record(self, step: int, meta: dict[str, Any], writer: bool) -> None:
+        """Note ``step``'s commit; the ``writer`` also writes the index and deletes what retention retires."""
         with self._lock:
-            self._meta[step] = {"digest": digest, "metrics": metrics}
-            steps = self.all_steps()
+            self._meta[step] = meta
+            steps = sorted(set(self.all_steps()) | {step})
             keep = set(steps[-self.keep_last:]) | {step}
             if self.keep_best:
                 keep |= set(self._ranked_by_metric(steps)[: self.keep_best])
             doomed = [s for s in steps if s not in keep]
             for s in doomed:
                 self._meta.pop(s, None)
+            if not writer:
+                return
             self._write_index()
             for s in doomed:
                 try:
-                    os.unlink(self.path_of(s))
+                    os.unlink(self._file_of(s))
                 except FileNotFoundError:
                     pass
+                _remove_tree(self._dir_of(s))
 
     def _drain(self) -> None:
         pending, self._pending = self._pending, None
@@ -244,6 +459,11 @@ class CheckpointManager:
         truncated), warn and fall back to the previous committed one. ``step=N``: that step.
         ``step="best"``: the best by ``best_metric``. A file that does not match ``target``
         raises :class:`TargetMismatchError` (no fallback: the target is wrong, not the file).
+
+        A sharded (``.dcp``) checkpoint is read into ``target``'s layout (sharded over any
+        number of ranks, or plain: see :func:`~functrain.checkpoint.load_sharded`); it needs a
+        ``target`` (always strict) and, under a process group, every rank calls ``restore``
+        and sees the same steps.
         """
         if not self._closed:
             self._drain()
@@ -254,21 +474,20 @@ class CheckpointManager:
                     f"no checkpoint in {self.directory} has the metric {self.best_metric!r} (best_metric); "
                     "pass metrics= to save, or restore the latest with step=None"
                 )
-            return load(self.path_of(best), target, strict)
+            return self._load(best, target, strict)
         if step is not None:
-            path = self.path_of(int(step))
-            if not os.path.exists(path):
+            if self.kind_of(int(step)) is None:
                 raise FileNotFoundError(
                     f"no checkpoint for step {step} in {self.directory}; committed: {self.all_steps()}"
                 )
-            return load(path, target, strict)
+            return self._load(int(step), target, strict)
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
         failures = []
         for s in reversed(steps):
             try:
-                return load(self.path_of(s), target, strict)
+                return self._load(s, target, strict)
             except TargetMismatchError:
                 raise
             except CheckpointError as e:
@@ -277,14 +496,41 @@ class CheckpointManager:
                               stacklevel=2)
         raise CheckpointError(f"every checkpoint in {self.directory} is unreadable:\n  " + "\n  ".join(failures))
 
+    def _load(self, step: int, target: Any, strict: bool) -> Any:
+        """``step``'s checkpoint, of either kind, into ``target``."""
+        if self.kind_of(step) != "dcp":
+            return load(self._file_of(step), target, strict)
+        if target is None:
+            raise ValueError(
+                f"{self._dir_of(step)} is a sharded checkpoint: it is read into a target state's layout; pass "
+                "target= (the state to restore into: sharded, or plain for one process)"
+            )
+        return load_sharded(self._dir_of(step), target)
+
     # ------------------------------------------------------------------ bookkeeping
     def _remove_stray_temp_files(self) -> None:
+        """Remove what killed saves left: temporary files and (rank 0 only) sharded directories.
+
+        ``step-N.dcp.old`` is the previous checkpoint of a step whose replacing save was killed
+        between its two renames: it is put back when ``step-N.dcp`` is missing, never lost.
+        """
+        primary = _primary()
         for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
             if _TEMP_FILE.match(name):
                 try:
-                    os.unlink(os.path.join(self.directory, name))
+                    os.unlink(path)
                 except OSError:
                     pass
+                continue
+            m = _TEMP_DIR.match(name)
+            if not m or not primary or not os.path.isdir(path):
+                continue
+            final = os.path.join(self.directory, m.group(1))
+            if m.group(2) == "old" and not os.path.exists(final) and is_sharded_checkpoint(path):
+                os.replace(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _read_index(self) -> dict[int, dict[str, Any]]:
         path = os.path.join(self.directory, INDEX_NAME)

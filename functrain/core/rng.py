@@ -4,7 +4,7 @@ A key is an ``int64`` tensor of shape ``(2,)``: ``(seed, counter)``. Keys are va
 live in the train state and are advanced by the step functions, never by hidden global
 state. To draw random numbers, a step derives a 63-bit seed from its key (and the process
 rank) with :func:`seed_of`, and runs its body under :func:`seeded`, which seeds torch's
-generators inside :func:`torch.random.fork_rng` so the caller's global RNG is untouched.
+generators and restores them afterwards, so the caller's global RNG is untouched.
 
 Example:
     >>> import torch
@@ -87,21 +87,47 @@ def seed_of(k: torch.Tensor, rank: int = 0) -> int:
     return _combine(_SEED, seed, counter, int(rank)) >> 1
 
 
+def _device_generator(dev: torch.device) -> torch.Generator | None:
+    """The default generator of an accelerator device (``cuda:1``...; no index: the current one).
+
+    None for a backend that does not expose ``default_generators`` (MPS, say).
+    """
+    mod = torch.get_device_module(dev.type)
+    gens = getattr(mod, "default_generators", None)
+    if gens is None:
+        return None
+    return gens[dev.index if dev.index is not None else mod.current_device()]
+
+
 @contextlib.contextmanager
 def seeded(k: torch.Tensor, rank: int = 0, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block with torch's generators seeded from ``k``; restore them afterwards.
 
-    The CPU generator is always forked; the generator of ``device`` is forked too when it
-    is an accelerator (``"cuda"``, ``"cuda:1"``, ...).
+    The CPU generator is always seeded and restored; the generator of ``device`` is too
+    when it is an accelerator (``"cuda"``, ``"cuda:1"``, ...). Other devices' generators
+    are left alone. This is :func:`torch.random.fork_rng` plus :func:`torch.manual_seed`
+    restricted to those generators: ``torch.manual_seed`` itself also visits every
+    accelerator backend (CUDA, XPU, MTIA... each formats a stack trace when it is not
+    initialized), which costs ~150 us per call, as much as a small train step's kernels.
     """
     s = seed_of(k, rank)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            yield
-        return
-    index = dev.index if dev.index is not None else torch.get_device_module(dev.type).current_device()
-    with torch.random.fork_rng(devices=[index], device_type=dev.type):
-        torch.manual_seed(s)
+    gens = [torch.default_generator]
+    if dev.type not in ("cpu", "meta"):
+        gen = _device_generator(dev)
+        if gen is None:  # a backend without per-device generators: the general (slow) path
+            mod = torch.get_device_module(dev.type)
+            index = dev.index if dev.index is not None else mod.current_device()
+            with torch.random.fork_rng(devices=[index], device_type=dev.type):
+                torch.manual_seed(s)
+                yield
+            return
+        gens.append(gen)
+    saved = [g.get_state() for g in gens]
+    try:
+        for g in gens:
+            g.manual_seed(s)
         yield
+    finally:
+        for g, state in zip(gens, saved):
+            g.set_state(state)

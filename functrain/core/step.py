@@ -1,10 +1,11 @@
 """Pure step functions ``(state, batch) -> state`` and the ``Step`` wrapper that runs them.
 
 A :class:`Step` holds a body that may draw random numbers from torch's generators (dropout,
-say). Calling the step seeds those generators from ``state.rng`` inside
-:func:`torch.random.fork_rng`, so the call is a pure function of ``(state, batch)`` and the
-caller's global RNG is left as it was. The body itself is plain tensor code that
-``torch.compile(fullgraph=True)`` turns into one graph (see :func:`functrain.jit`).
+say). Calling the step seeds those generators from ``state.rng`` (and the rank) with
+:func:`functrain.random.seeded`, which restores them afterwards, so the call is a pure
+function of ``(state, batch)`` and the caller's global RNG is left as it was. The body
+itself is plain tensor code that ``torch.compile(fullgraph=True)`` turns into one graph
+(see :func:`functrain.jit`).
 
 Example:
     >>> import torch, functrain as ft
@@ -33,6 +34,7 @@ from torch.func import functional_call, grad_and_value
 
 from functrain.core import parallel as _parallel
 from functrain.core import rng as _rng
+from functrain.core import sharding as _sharding
 from functrain.core.precision import autocast_context, check_precision, scale_loss, unscale_and_update
 from functrain.core.state import TrainState
 from functrain.core.struct import NAMESPACE
@@ -134,6 +136,15 @@ def global_norm(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def _sharded_mean(grads: dict, loss: torch.Tensor, aux: dict, batch: Batch, like: dict, group: Any) -> tuple:
+    """Sample-weighted means across ranks: gradients reduce-scattered to shards, metrics all-reduced."""
+    count = torch.tensor(float(batch_size(batch)), dtype=torch.float64, device=loss.device)
+    mean, total = _parallel.weighted_mean({"loss": loss, **{"m/" + k: v for k, v in aux.items()}}, count, group)
+    share = count / total
+    grads = _sharding.reduce_scatter({k: g * share.to(g.dtype) for k, g in grads.items()}, like)
+    return grads, mean["loss"], {k: mean["m/" + k] for k in aux}
+
+
 def make_train_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -166,6 +177,11 @@ def make_train_step(
     ranks of ``group`` inside the step, weighted by each rank's number of samples, with
     functional collectives that compile into the step's graph. Each rank's dropout draws
     differ: the seed is derived from the key and the rank.
+
+    A sharded state (:func:`functrain.shard_state`: params and optimizer state as
+    ``Shard(0)`` DTensors) is detected from its params: the step all-gathers the params,
+    differentiates over the full plain tensors, and reduce-scatters the sample-weighted
+    gradients back to shards before the optimizer (see :mod:`functrain.core.sharding`).
     """
     check_precision(precision)
     if micro_batches < 1:
@@ -189,19 +205,23 @@ def make_train_step(
             raise ValueError("precision='fp16' needs a loss scale in the state: "
                              "TrainState.create(..., loss_scale=functrain.LossScale.create())")
         buffers = state.buffers
+        sharded = _sharding.is_sharded(state.params)
+        params = _sharding.gather(state.params) if sharded else state.params  # full tensors, plain
         if micro_batches == 1:
-            grads, (_, (loss, aux, buffers)) = grad_fn(state.params, buffers, batch, scale)
+            grads, (_, (loss, aux, buffers)) = grad_fn(params, buffers, batch, scale)
         else:
             grads, loss, aux = None, None, {}
             for part in _split_micro(batch, micro_batches):
-                g, (_, (lp, ap, buffers)) = grad_fn(state.params, buffers, part, scale)
+                g, (_, (lp, ap, buffers)) = grad_fn(params, buffers, part, scale)
                 grads = g if grads is None else {k: grads[k] + g[k] for k in grads}
                 loss = lp if loss is None else loss + lp
                 aux = ap if not aux else {k: aux[k] + ap[k] for k in aux}
             grads = {k: v / micro_batches for k, v in grads.items()}
             loss = loss / micro_batches
             aux = {k: v / micro_batches for k, v in aux.items()}
-        if data_parallel or (data_parallel is None and _parallel.is_data_parallel(group)):
+        if sharded:
+            grads, loss, aux = _sharded_mean(grads, loss, aux, batch, state.params, group)
+        elif data_parallel or (data_parallel is None and _parallel.is_data_parallel(group)):
             count = torch.tensor(float(batch_size(batch)), dtype=torch.float64, device=loss.device)
             tagged = {"g/" + k: v for k, v in grads.items()}
             tagged.update({"m/loss": loss, **{"m/" + k: v for k, v in aux.items()}})
@@ -231,6 +251,9 @@ def make_train_step(
         if loss_scale is not None and precision == "fp16":
             metrics["loss_scale"] = loss_scale.scale
         metrics.update(aux)
+        if sharded:  # the same layout as the input state: a compiled step never recompiles
+            metrics = _sharding.replicated(metrics)
+            opt_state = _sharding.like_layout(opt_state, state.opt_state)
         applied = stats["applied"] if "applied" in stats else 1
         return state.replace(
             step=state.step + applied,
@@ -262,7 +285,7 @@ def make_eval_step(model: nn.Module, metric_fn: MetricFn) -> Step:
     def body(state: TrainState, batch: Batch) -> TrainState:
         model.train(False)
         with torch.no_grad():
-            out = metric_fn(_bind(model, state.params, state.buffers), batch)
+            out = metric_fn(_bind(model, _sharding.gather(state.params), state.buffers), batch)
         if not isinstance(out, Mapping):
             raise TypeError(f"metric_fn must return a dict of tensors, got {type(out).__name__}")
         n = batch_size(batch)

@@ -231,6 +231,21 @@ class Loader:
         for batch, _, _ in self.iterate(epoch, 0, stop_epoch=epoch + 1):
             yield batch
 
+    def shard(self) -> Iterator[Any]:
+        """This rank's contiguous share of the dataset, in dataset order, in batches of ``batch_size``.
+
+        The shares of all ranks partition the dataset -- no sample padded, repeated or
+        dropped (the last batch may be smaller, a share may be empty) -- which is what an
+        exact distributed evaluation needs: each rank sums its metrics, then the sums are
+        added across ranks (:func:`functrain.evaluate` does this).
+        """
+        n, w = self.num_samples, self.world_size
+        start, end = self.rank * n // w, (self.rank + 1) * n // w
+        order = list(range(start, end))
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        yield from DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,  # type: ignore[arg-type]
+                              num_workers=self.num_workers, pin_memory=self.pin_memory)
+
     def __iter__(self) -> Iterator[Any]:
         """The batches of epoch 0 (what evaluation and prediction read)."""
         return self.epoch(0)

@@ -167,7 +167,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     def update(grads: Any, state: ClipByGlobalNormState, params: Any = None) -> tuple[Any, ClipByGlobalNormState]:
         total = global_norm(grads)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = _tree.computed_once(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return _tree.tree_map(lambda g: g * coef.to(g.device), grads), ClipByGlobalNormState(total)
 
     return GradientTransformation(init, update)

@@ -132,15 +132,17 @@ def sgd(
 
     def step(grads: Any, state: SgdState, params: Any) -> tuple[Any, SgdState]:
         lr = lr_fn(state.count)
+        neg_lr = _tree.computed_once(-lr)
         dirs, p_named, bufs, spec = directions(grads, state, params)
         # torch: param.add_(grad, alpha=-lr); addcmul with a 0-d tensor rounds identically.
-        new = {k: torch.addcmul(p_named[k], d, _cast(-lr, d)) for k, d in dirs.items()}
+        new = {k: torch.addcmul(p_named[k], d, _cast(neg_lr, d)) for k, d in dirs.items()}
         return _tree.unflatten_named(new, spec), SgdState(state.count + 1, lr, bufs)
 
     def update(grads: Any, state: SgdState, params: Any = None) -> tuple[Any, SgdState]:
         lr = lr_fn(state.count)
+        neg_lr = _tree.computed_once(-lr)
         dirs, _, bufs, spec = directions(grads, state, _need_params(params, grads, weight_decay, "sgd"))
-        updates = {k: d * _cast(-lr, d) for k, d in dirs.items()}
+        updates = {k: d * _cast(neg_lr, d) for k, d in dirs.items()}
         return _tree.unflatten_named(updates, spec), SgdState(state.count + 1, lr, bufs)
 
     return GradientTransformation(init, update, step)
@@ -184,14 +186,16 @@ def _adam(
         t = (state.count + 1).to(_F64)
         bias_correction1 = 1 - torch.pow(_tree.scalar(b1, t), t)
         bias_correction2 = 1 - torch.pow(_tree.scalar(b2, t), t)
-        neg_step_size = -(lr / bias_correction1)
-        bias_correction2_sqrt = torch.pow(bias_correction2, _tree.scalar(0.5, t))
+        # computed_once: the scalars are computed once per call, not in every element's loop
+        neg_step_size = _tree.computed_once(-(lr / bias_correction1))
+        bias_correction2_sqrt = _tree.computed_once(torch.pow(bias_correction2, _tree.scalar(0.5, t)))
+        keep = _tree.computed_once(1 - lr * weight_decay) if decoupled and any(decay.values()) else None
         decayed, new_m, new_v, new_vmax, denoms = {}, {}, {}, {}, {}
         for name, g in g_named.items():
             p = p_named[name]
             if decay[name]:
                 if decoupled:
-                    p = p.mul(_cast(1 - lr * weight_decay, p))  # param.mul_(1 - lr * weight_decay)
+                    p = p.mul(_cast(keep, p))  # param.mul_(1 - lr * weight_decay)
                 else:
                     g = g.add(p, alpha=weight_decay)
             decayed[name] = p
@@ -220,11 +224,12 @@ def _adam(
         decayed, m, denoms, neg_step_size, new_state, spec = moments(grads, state, params, lr)
         p_named = _tree.named_leaves(params)[0]
         decay = _decay_flags(mask, params, weight_decay)
+        lr_wd = _tree.computed_once(lr * weight_decay)
         updates = {}
         for k, p in p_named.items():
             u = (_cast(neg_step_size, p) * m[k]) / denoms[k]
             if decoupled and decay[k]:
-                u = u - _cast(lr * weight_decay, p) * p
+                u = u - _cast(lr_wd, p) * p
             updates[k] = u
         return _tree.unflatten_named(updates, spec), new_state
 

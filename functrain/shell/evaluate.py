@@ -23,9 +23,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from functrain.core.sharding import is_sharded, unshard
 from functrain.core.state import TrainState
 from functrain.core.step import eval_results, reset_eval
 from functrain.core.struct import NAMESPACE
+from functrain.data.loader import Loader
 
 __all__ = ["evaluate", "predict", "make_predict_step", "EvaluationStopped"]
 
@@ -40,6 +42,25 @@ def _batches(data: Any) -> Iterable[Any]:
     return data
 
 
+def _split_over_ranks(data: Any) -> bool:
+    """A functrain Loader over several ranks: each rank evaluates its share, the sums are added."""
+    return isinstance(data, Loader) and data.world_size > 1
+
+
+def _sum_over_ranks(acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: [sum, count]}`` added across the ranks of the default group (a rank's share may be empty)."""
+    dist = torch.distributed
+    names: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(names, sorted(acc))
+    keys = sorted({k for ks in names for k in ks})
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flat = torch.stack([acc[k].to(device, torch.float64) if k in acc else torch.zeros(2, dtype=torch.float64,
+                                                                                       device=device)
+                        for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    return {k: flat[i].cpu() for i, k in enumerate(keys)}
+
+
 def evaluate(
     state: TrainState,
     eval_step: Callable[[TrainState, Any], TrainState],
@@ -52,14 +73,25 @@ def evaluate(
     ``eval_step`` is made by :func:`functrain.make_eval_step`; ``data`` is a
     :class:`functrain.data.Loader` (its epoch 0 is read) or any iterable of batches.
     The state is not changed (its accumulators are used on a copy).
+
+    Over several ranks, a Loader is split: each rank evaluates its own contiguous share
+    (:meth:`functrain.data.Loader.shard`, no sample padded or repeated) and the sums and
+    counts are added across ranks, so every rank returns the exact means over the whole
+    dataset; every rank must call it. A sharded state's params are gathered once first.
     """
+    if is_sharded(state.params):  # gather once, not on every batch (a rank's share may have fewer batches)
+        state = state.replace(params=unshard(state.params))
     acc = reset_eval(state)
+    split = _split_over_ranks(data)
     seen = 0
-    for batch in _batches(data):
+    for batch in (data.shard() if split else _batches(data)):
         if should_stop is not None and should_stop():
             raise EvaluationStopped
         acc = eval_step(acc, batch)
         seen += 1
+    if split:
+        acc = acc.replace(eval_metrics=_sum_over_ranks(acc.eval_metrics))
+        seen = int(bool(acc.eval_metrics))
     if seen == 0:
         raise ValueError("evaluate: the evaluation data yielded no batch; check the loader (drop_last, batch_size)")
     return {k: float(v) for k, v in eval_results(acc).items()}
@@ -97,11 +129,14 @@ def predict(state: TrainState, predict_step: Callable[[TrainState, Any], Any], d
     """The outputs of ``predict_step`` over ``data``, concatenated along dim 0 in dataset order.
 
     Outputs may be a tensor or a pytree of tensors. A :class:`functrain.data.Loader` must
-    not shuffle or drop samples (``shuffle=False, drop_last=False``).
+    not shuffle or drop samples (``shuffle=False, drop_last=False``); over several ranks,
+    each rank predicts its contiguous share (:meth:`functrain.data.Loader.shard`).
     """
     if hasattr(data, "shuffle") and hasattr(data, "iterate") and (data.shuffle or data.drop_last):
         raise ValueError("predict reads the dataset in order: build its Loader with shuffle=False, drop_last=False")
-    outputs = [predict_step(state, batch) for batch in _batches(data)]
+    if is_sharded(state.params):
+        state = state.replace(params=unshard(state.params))
+    outputs = [predict_step(state, batch) for batch in (data.shard() if _split_over_ranks(data) else _batches(data))]
     if not outputs:
         raise ValueError("predict: the data yielded no batch")
     return optree.tree_map(lambda *xs: torch.cat(xs), *outputs, namespace=NAMESPACE)

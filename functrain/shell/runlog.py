@@ -100,10 +100,16 @@ class RunLog:
                 self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
 
     def advance(self, to: int, postfix: Mapping[str, float] | None = None) -> None:
+        """Move the progress bar to ``to`` (steps or epochs), optionally with new postfix values."""
         if self.bar is not None:
             self.bar.update(max(0, to - self.bar.n))
             if postfix:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def postfix(self, values: Mapping[str, float]) -> None:
+        """Show ``values`` after the progress bar (shown at its next refresh)."""
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
 
     def beat(self, step: int, status: str = "running", **extra: Any) -> None:
         """Rewrite ``heartbeat.json``: the step, the time and the process."""

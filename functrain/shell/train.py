@@ -36,12 +36,18 @@ import time
 import warnings
 from typing import Any
 
+import optree
 import torch
 
 from functrain.checkpoint import CheckpointManager, load, tree_digest
+from functrain.checkpoint.errors import CheckpointError, TargetMismatchError
 from functrain.checkpoint.format import finish_restore
-from functrain.core.state import TrainState, counter
+from functrain.checkpoint.sharded import META_NAME, is_sharded_checkpoint, load_sharded
+from functrain.core.donate import is_donated
+from functrain.core.sharding import is_dtensor, is_sharded, shard_state, shard_tree, unshard
+from functrain.core.state import TrainState
 from functrain.core.step import batch_size
+from functrain.core.struct import NAMESPACE
 from functrain.shell import distributed as dist
 from functrain.shell.config import TrainConfig, semantic, semantic_diff, semantic_hash
 from functrain.shell.evaluate import EvaluationStopped, evaluate
@@ -108,7 +114,16 @@ def _check_semantics(directory: str, config: TrainConfig, resuming: bool) -> Non
 
 
 def saved_world_size(source: str) -> int | None:
-    """The number of ranks that wrote the run folder ``source`` (or the folder holding a checkpoint), if recorded."""
+    """The number of ranks that wrote the run folder ``source`` (or the folder holding a checkpoint), if recorded.
+
+    A sharded checkpoint directory records its own world size (in its ``functrain.msgpack``).
+    """
+    if is_sharded_checkpoint(source):
+        try:
+            size = load(os.path.join(source, META_NAME)).get("world_size")
+        except (CheckpointError, OSError, AttributeError):
+            return None
+        return int(size) if isinstance(size, int) else None
     folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
     for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
         path = os.path.join(candidate, "config.json")
@@ -160,8 +175,21 @@ def _find_ema(tree: Any, keys: set[str]) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _mesh_of(tree: Any) -> Any:
+    """The device mesh of the first DTensor in ``tree``."""
+    return next(x.device_mesh for x in optree.tree_leaves(tree, namespace=NAMESPACE) if is_dtensor(x))
+
+
 def load_pretrained(state: TrainState, path: str) -> TrainState:
-    """``state`` with params from a checkpoint (its EMA params when it has them); nothing else changes."""
+    """``state`` with params from a checkpoint (its EMA params when it has them); nothing else changes.
+
+    A sharded state's params are gathered, replaced and sharded again the same way (a
+    collective: every rank calls it).
+    """
+    if is_sharded(state.params):
+        mesh = _mesh_of(state.params)
+        loaded = load_pretrained(state.replace(params=unshard(state.params)), path)
+        return loaded.replace(params=shard_tree(loaded.params, mesh))
     plain = load(path)
     keys = set(state.params)
     params = plain.get("params", plain) if isinstance(plain, dict) else None
@@ -180,17 +208,36 @@ def load_pretrained(state: TrainState, path: str) -> TrainState:
     return state.replace(params=new)
 
 
-def _start(state: TrainState, config: TrainConfig, manager: CheckpointManager | None) -> tuple[TrainState, str]:
-    """Resume, start from pretrained weights, or start fresh (in that order of precedence)."""
+def _read_checkpoint(path: str, state: TrainState) -> TrainState:
+    """The checkpoint at ``path`` as a state laid out like ``state`` (every rank calls it).
+
+    A sharded directory is read straight into ``state``'s layout, whatever world size wrote
+    it; a msgpack file is read whole on every rank and, for a sharded ``state``, sharded the
+    same way afterwards.
+    """
+    if is_sharded_checkpoint(path):
+        return load_sharded(path, state)
+    if not is_sharded(state):
+        return restore_state(state, load(path), path)
+    mesh = _mesh_of(state)
+    return shard_state(restore_state(unshard(state), load(path), path), mesh)
+
+
+def _start(state: TrainState, config: TrainConfig,
+           manager: CheckpointManager | None) -> tuple[TrainState, str, str | None]:
+    """Resume, start from pretrained weights, or start fresh (in that order of precedence).
+
+    Returns the state, how it started, and the checkpoint it resumed from (None when it did not).
+    """
     if config.resume not in ("auto", "never"):
         path = config.resume
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not is_sharded_checkpoint(path):
             sub = os.path.join(path, CHECKPOINTS)
             with CheckpointManager(sub if os.path.isdir(sub) else path) as other:
-                plain = other.restore(None)
+                restored, origin = _restore_agreed(other, state)
         else:
-            plain = load(path)
-        return restore_state(state, plain, path), f"resumed from {path}"
+            restored, origin = _read_checkpoint(path, state), path
+        return restored, f"resumed from {path}", origin
     latest = dist.broadcast_object(manager.latest_step() if manager is not None else None)
     if latest is not None:
         if config.resume == "never":
@@ -198,23 +245,59 @@ def _start(state: TrainState, config: TrainConfig, manager: CheckpointManager | 
                 f"resume='never' but {manager.directory} already has checkpoints (latest {latest}); "
                 "use another checkpoint_dir, or resume='auto' to continue that run"
             )
-        return restore_state(state, _restore_agreed(manager), manager.directory), f"resumed from {manager.directory}"
+        restored, origin = _restore_agreed(manager, state)
+        return restored, f"resumed from {manager.directory}", origin
     if config.pretrained is not None:
-        return load_pretrained(state, config.pretrained), f"started from pretrained params {config.pretrained}"
-    return state, "started fresh"
+        return load_pretrained(state, config.pretrained), f"started from pretrained params {config.pretrained}", None
+    return state, "started fresh", None
 
 
-def _restore_agreed(manager: CheckpointManager) -> Any:
-    """Rank 0's latest readable checkpoint, restored by every rank (the same step on all)."""
-    plain = manager.restore(None) if is_main_process() else None
-    micro = dist.broadcast_object(int(plain["micro_step"]) if plain is not None else None)
-    if plain is not None:
-        return plain
-    try:
-        return manager.restore(None, step=micro)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"rank {dist.world()[0]}: rank 0 resumes from micro-step {micro} but this rank "
-                                f"cannot read it ({e}); put checkpoint_dir on a filesystem every node shares") from e
+_FALLBACK, _FATAL = 1, 2  # how a rank's attempt to read a checkpoint failed (agreed as the maximum over ranks)
+
+
+def _restore_agreed(manager: CheckpointManager, state: TrainState) -> tuple[TrainState, str]:
+    """Rank 0's latest readable checkpoint, restored by every rank into ``state``'s layout; and its path.
+
+    Every rank tries the same step (rank 0's listing) and the ranks agree on the outcome: all
+    succeed, all fall back to the previous step (the checkpoint is unreadable somewhere), or
+    all raise (a target mismatch, a rank that cannot see the file). A sharded checkpoint's
+    read is itself a collective, so the ranks must never go separate ways.
+    """
+    rank = dist.world()[0]
+    listing = dist.broadcast_object([(s, manager.kind_of(s)) for s in manager.all_steps()]
+                                    if is_main_process() else None)
+    failures = []
+    for step, kind in reversed(listing):
+        path = manager.path_of(step)
+        if not dist.agree_ok(manager.kind_of(step) == kind):
+            raise FileNotFoundError(
+                f"rank {rank}: rank 0 resumes from micro-step {step} ({kind}) but "
+                f"{'this rank sees' if manager.kind_of(step) != kind else 'another rank sees'} no such checkpoint "
+                f"in {manager.directory}; put checkpoint_dir on a filesystem every rank shares"
+            )
+        restored, error, code = None, None, 0
+        try:
+            restored = _read_checkpoint(path, state)
+        except TargetMismatchError as e:
+            error, code = e, _FATAL
+        except CheckpointError as e:
+            error, code = e, _FALLBACK
+        except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+            error, code = e, _FATAL
+        worst = dist.agree_flag(code)
+        if worst == 0:
+            return restored, path
+        if worst == _FATAL:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank {rank}: another rank failed to restore {path}; see its error")
+        failures.append(str(error) if error is not None else f"{path}: unreadable on another rank")
+        if is_main_process():
+            warnings.warn(f"skipping an unreadable checkpoint, falling back to the previous one: {failures[-1]}",
+                          stacklevel=3)
+    if not listing:
+        raise FileNotFoundError(f"no committed checkpoint in {manager.directory}")
+    raise CheckpointError(f"every checkpoint in {manager.directory} is unreadable:\n  " + "\n  ".join(failures))
 
 
 def _bind_data(config: TrainConfig) -> TrainConfig:
@@ -226,15 +309,101 @@ def _bind_data(config: TrainConfig) -> TrainConfig:
 
 
 # -------------------------------------------------------------------- loop
+class CounterMismatchError(RuntimeError):
+    """The state's counters differ from the loop's host-side count of them (an irregular train step)."""
+
+
+class _Clock:
+    """Host-side mirrors of ``state.step``, ``state.micro_step`` and ``state.epoch``.
+
+    The loop decides everything (logging, evaluation, checkpoints, the end) from these, so a
+    micro-step costs no read of a device value (on CUDA each read is a sync that stalls the
+    queue). ``micro_step`` advances by 1 per call of the train step and the epoch comes from
+    the loader. ``state.step`` advances by 1 on every call, or on every ``k``-th call under
+    ``accumulate(k)``: the clock reads it after the first calls until it has seen three
+    advances with equal gaps (the period ``k``), then predicts it. A step that advances by
+    anything but 0 or 1 keeps being read after every call. :meth:`check` compares the
+    mirrors with the state where the shell reads the state anyway.
+    """
+
+    def __init__(self, state: TrainState) -> None:
+        self.step, self.micro, self.epoch = int(state.step), int(state.micro_step), int(state.epoch)
+        self.period: int | None = None  # micro-steps per optimizer step, once learned
+        self.advances: list[int] = []  # micro-steps at which state.step advanced, while learning
+        self.exact = False  # irregular step: read state.step after every call
+
+    def tick(self, state: TrainState) -> bool:
+        """Count one call of the train step (``state`` is its result); True when ``state.step`` advanced."""
+        self.micro += 1
+        if self.period is not None:
+            advanced = (self.micro - self.advances[-1]) % self.period == 0
+            self.step += advanced
+            return advanced
+        now = int(state.step)
+        delta, self.step = now - self.step, now
+        if not self.exact and delta not in (0, 1):
+            self.exact = True
+        if self.exact or delta == 0:
+            return delta > 0
+        self.advances = (self.advances + [self.micro])[-3:]
+        if len(self.advances) == 3 and self.advances[2] - self.advances[1] == self.advances[1] - self.advances[0]:
+            self.period = self.advances[2] - self.advances[1]
+        return True
+
+    def check(self, state: TrainState) -> None:
+        """Raise :class:`CounterMismatchError` unless the state's counters equal the mirrors."""
+        step, micro = int(state.step), int(state.micro_step)
+        if (step, micro) != (self.step, self.micro):
+            pattern = (f"advancing state.step every {self.period} call(s)" if self.period is not None
+                       else "state.step read after every call")
+            raise CounterMismatchError(
+                f"train(): the state is at step {step}, micro-step {micro}, but the loop counted step {self.step}, "
+                f"micro-step {self.micro} ({pattern}). train() needs a train step that advances state.micro_step "
+                "by 1 per call and state.step by 1 per call, or by 1 on every k-th call (accumulate(k)), as "
+                "functrain.make_train_step does; a hand-written step must keep to that."
+            )
+
+
+def _device_int(value: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 counter made on ``device`` by a fill kernel: no host-to-device copy, no sync on CUDA."""
+    return torch.full((), value, dtype=torch.int64, device=device)
+
+
+def _with_position(state: TrainState, epoch: torch.Tensor, index: torch.Tensor) -> TrainState:
+    """``state.replace(epoch=epoch, data_index=index)``, without ``dataclasses.replace``'s cost per micro-step."""
+    if type(state) is not TrainState:
+        return state.replace(epoch=epoch, data_index=index)
+    new = object.__new__(TrainState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__["epoch"], new.__dict__["data_index"] = epoch, index
+    return new
+
+
+def _batch_size(batch: Any) -> int:
+    """``batch_size(batch)`` with a fast path for the common tuple/list whose first item is a batched tensor."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() > 0:
+        return int(batch[0].shape[0])
+    return batch_size(batch)
+
+
 class _Run:
     """The mutable bookkeeping of one ``train`` call (not part of the state)."""
 
     def __init__(self, config: TrainConfig, manager: CheckpointManager | None, results: Results, log: RunLog,
-                 flag: StopFlag) -> None:
+                 flag: StopFlag, sharded: bool = False) -> None:
         self.config, self.manager, self.results, self.log, self.flag = config, manager, results, log, flag
+        self.sharded = sharded  # DTensor params: every rank writes its shards (a collective, synchronous save)
         self.saved_micro = -1
         self.samples = 0
-        self.clock = time.perf_counter()
+        self.clock_time = time.perf_counter()
+        self.clock: _Clock | None = None  # host counters, set by the loop
+        self.collective = dist.is_distributed()  # the stop flag must be agreed by all ranks
+        self.donating = False  # the train step overwrites its input's tensors (functrain.donate)
+        self.early = False  # early stopping due (changes only at evaluations)
+
+    def check(self, state: TrainState) -> None:
+        if self.clock is not None:
+            self.clock.check(state)
 
     # decisions ------------------------------------------------------------
     def done(self, state: TrainState) -> bool:
@@ -244,51 +413,61 @@ class _Run:
     def stopped_early(self, state: TrainState) -> bool:
         return should_stop(state.tracker, self.config.patience)
 
-    def eval_due(self, state: TrainState, advanced: bool, new_epoch: bool) -> bool:
+    def eval_due(self, step: int, epoch: int, advanced: bool, new_epoch: bool) -> bool:
         c = self.config
         if c.eval_step is None:
             return False
         if c.steps is not None:
-            return advanced and int(state.step) % c.eval_every == 0
-        return new_epoch and int(state.epoch) % (c.eval_every or 1) == 0
+            return advanced and step % c.eval_every == 0
+        return new_epoch and epoch % (c.eval_every or 1) == 0
 
-    def checkpoint_due(self, state: TrainState, advanced: bool, new_epoch: bool) -> bool:
+    def checkpoint_due(self, step: int, epoch: int, advanced: bool, new_epoch: bool) -> bool:
         every = self.config.checkpoint_every
         if self.manager is None or not every:
             return False
         if self.config.steps is not None:
-            return advanced and int(state.step) % every == 0
-        return new_epoch and int(state.epoch) % every == 0
+            return advanced and step % every == 0
+        return new_epoch and epoch % every == 0
 
     # actions --------------------------------------------------------------
     def save(self, state: TrainState, score: float | None = None, sync: bool = False) -> None:
-        """Rank 0 writes the (replicated) state; with ``sync`` or sync checkpoints every rank waits for the commit."""
+        """Rank 0 writes the (replicated) state; with ``sync`` or sync checkpoints every rank waits for the commit.
+
+        An async save copies the state first only when the train step donates (it will overwrite
+        these tensors); a pure state is written from its own tensors (see ``CheckpointManager.save``).
+        A sharded state is saved by every rank (its shards, one ``.dcp`` directory), synchronously;
+        the ranks then agree that every one of them succeeded.
+        """
         if self.manager is None:
             return
+        self.check(state)
         micro = int(state.micro_step)
         fresh = micro != self.saved_micro
         if not fresh and not sync:
             return
         error = None
-        if is_main_process():
+        if self.sharded or is_main_process():
             try:
                 if fresh:
-                    self.manager.save(state, step=micro, metrics={"score": score} if score is not None else None)
+                    self.manager.save(state, step=micro, metrics={"score": score} if score is not None else None,
+                                      copy=True if self.donating else None)
                 if sync:
                     self.manager.wait()
             except Exception as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
                 error = e
-        if (sync or not self.manager.async_save) and not dist.agree_ok(error is None):
+        if (sync or self.sharded or not self.manager.async_save) and not dist.agree_ok(error is None):
             # the other ranks wait here for the commit, so every rank resumes from the same step
             if error is not None:
                 raise error
-            raise RuntimeError(f"rank 0 failed to save the checkpoint of micro-step {micro}; see rank 0's error")
+            who = "another rank" if self.sharded else "rank 0"
+            raise RuntimeError(f"{who} failed to save the checkpoint of micro-step {micro}; see {who}'s error")
         if error is not None:
             raise error
         self.saved_micro = micro
 
     def check_signal(self, state: TrainState) -> None:
-        signum = self.flag.requested()  # agreed by all ranks (a small all-reduce MAX)
+        # one process: the handler's flag; several: agreed by all ranks (a small all-reduce MAX)
+        signum = self.flag.requested() if self.collective else self.flag.signum
         if signum is None:
             return
         self.save(state, sync=True)
@@ -299,6 +478,7 @@ class _Run:
     def evaluate(self, state: TrainState) -> tuple[TrainState, float | None]:
         """Evaluate every split, update the tracker, record the results."""
         c = self.config
+        self.check(state)
         record: dict[str, Any] = {"step": int(state.step), "epoch": int(state.epoch)}
         for split, data in c.eval_data.items():
             try:
@@ -314,6 +494,7 @@ class _Run:
             state = state.replace(tracker=update_tracker(state.tracker, score, int(state.step), c.score[2]))
             if int(state.tracker.best_step) == improved_before:
                 score = None  # not a new best: no need to keep this checkpoint as best
+        self.early = self.stopped_early(state)
         self.results.add(record, state.tracker)
         for split in c.eval_data:
             self.log.scalars(split, record[split], int(state.step))
@@ -322,13 +503,16 @@ class _Run:
         return state, score
 
     def log_train(self, state: TrainState) -> None:
+        self.check(state)
         now = time.perf_counter()
         values = {k: float(v) for k, v in state.metrics.items() if v.dim() == 0}
-        values["samples_per_s"] = self.samples / max(now - self.clock, 1e-9)
-        self.samples, self.clock = 0, now
+        values["samples_per_s"] = self.samples / max(now - self.clock_time, 1e-9)
+        self.samples, self.clock_time = 0, now
         step = int(state.step)
         self.log.scalars("train", values, step)
         self.log.beat(step)
+        if "loss" in values:
+            self.log.postfix({"loss": values["loss"]})
         if self.log.bar is None:
             text = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
             self.log.print(f"step {step} epoch {int(state.epoch)}: {text}")
@@ -342,13 +526,24 @@ def train(state: TrainState, config: TrainConfig) -> TrainState:
     cadence, and always saves the final state. A SIGTERM/SIGINT/SIGUSR1 saves the state at
     the next micro-step (or evaluation batch) and raises :class:`Interrupted`
     (exit code ``128 + signum``).
+
+    A sharded state (:func:`functrain.shard_state`, DTensor params and optimizer state)
+    stays sharded: every rank saves its shards into one ``step-N.dcp`` directory per
+    checkpoint, and resuming reads a checkpoint of either kind into the layout of the given
+    ``state`` (another world size, or a plain state in one process); see ``docs/distributed.md``.
     """
     check_config(config)
     owned = dist.init_from_env(state.step.device)  # torchrun's environment, when no group exists yet
+    together = False  # every rank ends here the same way: finished, or stopped by an agreed signal
     try:
-        return _train(state, _bind_data(config))
+        final = _train(state, _bind_data(config))
+        together = True
+        return final
+    except Interrupted:
+        together = True
+        raise
     finally:
-        dist.teardown(owned)
+        dist.teardown(owned, together)
 
 
 def _open_manager(config: TrainConfig) -> CheckpointManager | None:
@@ -375,12 +570,12 @@ def _train(state: TrainState, config: TrainConfig) -> TrainState:
     manager = _open_manager(config)
     log = None
     try:
-        state, how = _start(state, config, manager)
-        resumed = how.startswith("resumed")
-        if dist.is_distributed():
-            dist.check_replicated(tree_digest(state))
-        source = config.resume if config.resume not in ("auto", "never") else directory
-        change = world_change_message(saved_world_size(source), dist.world()[1]) if resumed and source else None
+        state, how, origin = _start(state, config, manager)
+        resumed = origin is not None
+        sharded = is_sharded(state)
+        if dist.is_distributed():  # a sharded state: its full values (shards differ by design)
+            dist.check_replicated(tree_digest(unshard(state) if sharded else state))
+        change = world_change_message(saved_world_size(origin), dist.world()[1]) if resumed else None
         if directory is not None:
             _check_semantics(directory, config, resuming=resumed)
         results = Results(directory if is_main_process() else None, config.score)
@@ -397,7 +592,7 @@ def _train(state: TrainState, config: TrainConfig) -> TrainState:
         if change is not None and rank == 0:
             warnings.warn(change, stacklevel=2)
         with StopFlag() as flag:
-            run = _Run(config, manager, results, log, flag)
+            run = _Run(config, manager, results, log, flag, sharded=sharded)
             latest = dist.broadcast_object(manager.latest_step() if manager is not None else None)
             if latest is not None and latest == int(state.micro_step):
                 run.saved_micro = int(state.micro_step)
@@ -416,37 +611,53 @@ def _train(state: TrainState, config: TrainConfig) -> TrainState:
 
 
 def _loop(state: TrainState, run: _Run) -> TrainState:
+    """Feed the loader to the step until done; per micro-step, no device value is read (see :class:`_Clock`)."""
     config = run.config
     loader = config.data
     world = getattr(loader, "world_size", 1)
     if PENDING_EVAL in state.eval_metrics:  # an evaluation that a signal cut short
         state, best = run.evaluate(state.replace(eval_metrics={}))
         run.save(state, best)
-    if not run.done(state) and not run.stopped_early(state):
+    run.early = run.stopped_early(state)
+    if not run.done(state) and not run.early:
+        clock = run.clock = _Clock(state)
         device = state.epoch.device
-        batches = loader.iterate(int(state.epoch), int(state.data_index))
+        epoch_tensor = state.epoch
+        step_mode = config.steps is not None
+        total = config.steps if step_mode else config.epochs
+        log_every = config.log_every
+        bar = run.log.bar
+        first = True
+        batches = loader.iterate(clock.epoch, int(state.data_index))
         for batch, epoch, index in batches:
-            before_step, before_epoch = int(state.step), int(state.epoch)
+            given = state
             state = config.step(state, batch)
-            state = state.replace(epoch=counter(epoch, device), data_index=counter(index, device))
-            run.samples += batch_size(batch) * world
-            advanced = int(state.step) > before_step
-            new_epoch = epoch > before_epoch
-            if advanced and config.log_every and int(state.step) % config.log_every == 0:
+            if first:  # a donated step marks its input as consumed (checked once: a step is what it is)
+                run.donating, first = is_donated(given), False
+            del given
+            advanced = clock.tick(state)
+            new_epoch = epoch > clock.epoch
+            if epoch != clock.epoch:
+                epoch_tensor = _device_int(epoch, device)
+                clock.epoch = epoch
+            state = _with_position(state, epoch_tensor, _device_int(index, device))
+            run.samples += _batch_size(batch) * world
+            step = clock.step
+            if advanced and log_every and step % log_every == 0:
                 run.log_train(state)
-            if advanced or new_epoch:
-                run.log.advance(int(state.step) if config.steps is not None else int(state.epoch),
-                                {k: float(v) for k, v in state.metrics.items() if k == "loss"})
+            if bar is not None and (advanced or new_epoch):
+                run.log.advance(step if step_mode else epoch)
             best = None
-            if run.eval_due(state, advanced, new_epoch):
+            if run.eval_due(step, epoch, advanced, new_epoch):
                 state, best = run.evaluate(state)
-            if best is not None or run.checkpoint_due(state, advanced, new_epoch):
+            if best is not None or run.checkpoint_due(step, epoch, advanced, new_epoch):
                 run.save(state, best)
             run.check_signal(state)  # after the evaluation it may have needed (which checks it between batches)
-            if run.done(state) or run.stopped_early(state):
+            if (step if step_mode else epoch) >= total or run.early:
                 break
         batches.close()
-    if run.stopped_early(state):
+        clock.check(state)
+    if run.early:
         run.log.print(f"functrain: early stop at step {int(state.step)}: {config.patience} evaluations without "
                       f"improvement; best step {int(state.tracker.best_step)}")
     run.save(state, sync=True)  # every rank returns once the final state is committed

@@ -1,5 +1,9 @@
 """A tiny, fast training problem for shell tests: an MLP with dropout on synthetic data."""
 
+import json
+import os
+import time
+
 import torch
 
 import functrain as ft
@@ -58,3 +62,31 @@ def setup(accumulate=1, num_workers=0, lr=0.05, **overrides):
     fields = {"steps": 12, "eval_every": 4, "score": ("val", "loss", "min")}
     fields.update(overrides)
     return state, config.replace(**fields)
+
+
+def write(path, text):
+    """Write a small file atomically (a test polling for it never reads half of it)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def train_recording_exit(state, config, directory, rank, world, last):
+    """``train(state, config)``; if a signal stops it, write ``exit-{rank}.json`` (code, ``last["micro"]``).
+
+    A stopped rank then waits (up to 60 s) until every rank has written its file, so the test
+    sees how each rank stopped before the launcher tears the others down.
+    """
+    from functrain.shell import Interrupted, train
+
+    try:
+        return train(state, config)
+    except Interrupted as e:
+        write(os.path.join(directory, f"exit-{rank}.json"), json.dumps({"code": e.code, "micro": last["micro"]}))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(directory, f"exit-{r}.json")) for r in range(world)
+        ):
+            time.sleep(0.01)
+        raise

@@ -22,11 +22,11 @@ import time
 sys.path[:0] = [os.path.dirname(os.path.dirname(__file__)), os.path.dirname(os.path.dirname(os.path.dirname(__file__)))]
 
 import torch  # noqa: E402
-from helpers.tiny import MLP, dataset, setup  # noqa: E402
+from helpers.tiny import MLP, dataset, setup, train_recording_exit, write  # noqa: E402
 
 import functrain as ft  # noqa: E402
 from functrain.data import Loader  # noqa: E402
-from functrain.shell import Interrupted, TrainConfig, train  # noqa: E402
+from functrain.shell import TrainConfig, train  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -54,13 +54,6 @@ def loss_with_index(forward, batch):
     return torch.nn.functional.cross_entropy(forward(x), y)
 
 
-def write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def signal_run(directory: str, opts: dict[str, str]) -> None:
     rank, world = rank_world()
     pause = float(opts.get("sleep", 0))
@@ -78,16 +71,7 @@ def signal_run(directory: str, opts: dict[str, str]) -> None:
 
     os.makedirs(directory, exist_ok=True)
     write(os.path.join(directory, f"pid-{rank}"), str(os.getpid()))
-    try:
-        final = train(state, config.replace(step=step))
-    except Interrupted as e:
-        write(os.path.join(directory, f"exit-{rank}.json"), json.dumps({"code": e.code, "micro": last["micro"]}))
-        deadline = time.monotonic() + 60  # stay until every rank has recorded how it stopped
-        while time.monotonic() < deadline and not all(
-            os.path.exists(os.path.join(directory, f"exit-{r}.json")) for r in range(world)
-        ):
-            time.sleep(0.01)
-        raise
+    final = train_recording_exit(state, config.replace(step=step), directory, rank, world, last)
     write(os.path.join(directory, f"digest-{rank}.txt"), ft.tree_digest(final))
 
 
@@ -117,6 +101,7 @@ def samples_run(directory: str, opts: dict[str, str]) -> None:
     write(os.path.join(directory, f"group-w{world}-r{rank}.json"),
           json.dumps({"user_group": user_group, "after": after}))
     if after:
+        torch.distributed.barrier()  # no rank closes its connections while another still uses them
         torch.distributed.destroy_process_group()
 
 

@@ -56,6 +56,7 @@ def main() -> None:
         np.savez(os.path.join(out_dir, f"params-{world}.npz"), **{k: v.numpy() for k, v in state.params.items()},
                  __loss=state.metrics["loss"].numpy(), __graphs=np.array(counter.frame_count))
     if dist.is_initialized():
+        dist.barrier()  # no rank closes its connections while another still uses them
         dist.destroy_process_group()
 
 
