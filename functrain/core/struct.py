@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import optree
@@ -120,3 +121,34 @@ def fields_of(x: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return x.__functrain_struct__  # type: ignore[no-any-return]
 
 
+
+
+def find_first(tree: Any, match: Callable[[Any], bool]) -> Any:
+    """The first node of ``tree`` (depth first, the node before its children) for which ``match`` is true, or None.
+
+    Walks functrain structs (data fields), NamedTuples (fields), dicts (values), lists and
+    tuples; anything else is a leaf. Works on live states and on the plain containers a
+    checkpoint is read into.
+
+    Example:
+        >>> find_first({"a": [1, {"ema": 2}]}, lambda n: isinstance(n, dict) and "ema" in n)
+        {'ema': 2}
+    """
+    if match(tree):
+        return tree
+    fields = getattr(tree, "_fields", None)
+    if fields is None and is_struct(tree):
+        fields = fields_of(tree)[0]
+    if fields is not None:
+        children = [getattr(tree, f) for f in fields]
+    elif isinstance(tree, dict):
+        children = list(tree.values())
+    elif isinstance(tree, (list, tuple)):
+        children = list(tree)
+    else:
+        return None
+    for child in children:
+        found = find_first(child, match)
+        if found is not None:
+            return found
+    return None

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from functrain.core.struct import find_first
 from functrain.optim import _tree
 from functrain.optim.base import GradientTransformation, apply_updates
 
@@ -398,28 +399,7 @@ def ema(inner: GradientTransformation, decay: float = 0.999) -> GradientTransfor
     return GradientTransformation(init, update, step)
 
 
-def _find(x: Any, cls: type) -> Optional[Any]:
-    if isinstance(x, cls):
-        return x
-    fields = getattr(x, "_fields", None)
-    if fields is None and hasattr(x, "__functrain_struct__"):
-        fields = x.__functrain_struct__[0]
-    if fields is not None:
-        children = [getattr(x, f) for f in fields]
-    elif isinstance(x, dict):
-        children = list(x.values())
-    elif isinstance(x, (list, tuple)):
-        children = list(x)
-    else:
-        return None
-    for child in children:
-        found = _find(child, cls)
-        if found is not None:
-            return found
-    return None
-
-
 def ema_params(opt_state: Any) -> Optional[Any]:
     """The EMA params held by the first :func:`ema` state inside ``opt_state``, or None."""
-    found = _find(opt_state, EmaState)
+    found = find_first(opt_state, lambda node: isinstance(node, EmaState))
     return None if found is None else found.ema

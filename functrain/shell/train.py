@@ -47,7 +47,7 @@ from functrain.core.donate import is_donated
 from functrain.core.sharding import is_dtensor, is_sharded, shard_state, shard_tree, unshard
 from functrain.core.state import TrainState
 from functrain.core.step import batch_size
-from functrain.core.struct import NAMESPACE
+from functrain.core.struct import NAMESPACE, find_first
 from functrain.shell import distributed as dist
 from functrain.shell.config import TrainConfig, semantic, semantic_diff, semantic_hash
 from functrain.shell.evaluate import EvaluationStopped, evaluate
@@ -158,23 +158,6 @@ def restore_state(template: TrainState, plain: Any, source: str) -> TrainState:
     return finish_restore(plain, target, True, source)
 
 
-def _find_ema(tree: Any, keys: set[str]) -> dict[str, torch.Tensor] | None:
-    if isinstance(tree, dict):
-        ema = tree.get("ema")
-        if isinstance(ema, dict) and set(ema) == keys:
-            return ema
-        children = list(tree.values())
-    elif isinstance(tree, (list, tuple)):
-        children = list(tree)
-    else:
-        return None
-    for child in children:
-        found = _find_ema(child, keys)
-        if found is not None:
-            return found
-    return None
-
-
 def _mesh_of(tree: Any) -> Any:
     """The device mesh of the first DTensor in ``tree``."""
     return next(x.device_mesh for x in optree.tree_leaves(tree, namespace=NAMESPACE) if is_dtensor(x))
@@ -193,7 +176,9 @@ def load_pretrained(state: TrainState, path: str) -> TrainState:
     plain = load(path)
     keys = set(state.params)
     params = plain.get("params", plain) if isinstance(plain, dict) else None
-    ema = _find_ema(plain.get("opt_state"), keys) if isinstance(plain, dict) else None
+    holder = find_first(plain.get("opt_state"), lambda node: isinstance(node, dict) and isinstance(
+        node.get("ema"), dict) and set(node["ema"]) == keys) if isinstance(plain, dict) else None
+    ema = None if holder is None else holder["ema"]
     source = ema if ema is not None else params
     if not isinstance(source, dict) or set(source) != keys:
         have = sorted(source) if isinstance(source, dict) else type(source).__name__
