@@ -179,11 +179,12 @@ def reduce_scatter(grads: Mapping[str, torch.Tensor], like: Mapping[str, Any]) -
     from torch.distributed import _functional_collectives as funcol
     from torch.distributed.tensor import DTensor
 
+    mesh = next(v.device_mesh for v in like.values() if is_dtensor(v))  # the group the shards live on
     out = {}
     for name, g in grads.items():
         ref = like[name]
-        if not is_dtensor(ref):
-            out[name] = funcol.all_reduce(g, "sum", dist.group.WORLD)
+        if not is_dtensor(ref):  # a 0-d param stays replicated: every rank gets the sum
+            out[name] = funcol.all_reduce(g, "sum", mesh.get_group())
             continue
         n, per, rows = _rows_of(ref)
         world = ref.device_mesh.size()
